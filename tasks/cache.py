@@ -11,8 +11,8 @@ def cache_dir() -> str:
   return os.environ.get(ENV_VAR) or os.path.join(os.path.expanduser('~'), '.cache', 'scaling_arch')
 
 
-def atomic_write_text(path: str, text: str) -> None:
-  """Writes `text` to `path` via a temp file in the same folder and `os.replace`.
+def atomic_write(path: str, data: str | bytes) -> None:
+  """Writes `data` (text as UTF-8) to `path` via a temp file in the same folder and `os.replace`.
 
   Readers never see a half-written file, and concurrent writers of the same content are harmless.
   """
@@ -20,8 +20,8 @@ def atomic_write_text(path: str, text: str) -> None:
   os.makedirs(folder, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp-', suffix='-' + os.path.basename(path))
   try:
-    with os.fdopen(fd, 'w', encoding='utf-8') as f:
-      f.write(text)
+    with os.fdopen(fd, 'wb') as f:
+      f.write(data.encode('utf-8') if isinstance(data, str) else data)
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):

@@ -7,7 +7,6 @@ of the vocabulary for span corruption.
 import fcntl
 import io
 import os
-import tempfile
 
 import seqio
 import sentencepiece as spm
@@ -23,11 +22,15 @@ NUM_THREADS = 4  # fixed, so the trained model does not depend on the machine
 
 def sentencepiece_vocabulary(path: str, extra_ids: int = 100) -> seqio.SentencePieceVocabulary:
   """Returns the SentencePiece model at `path` (local or gs://) with `extra_ids` sentinels."""
-  if not tf.io.gfile.exists(path):
+  try:
+    exists, problem = tf.io.gfile.exists(path), 'does not exist'
+  except tf.errors.OpError as e:  # e.g. gs:// without network or credentials
+    exists, problem = False, f'cannot be read ({e.message.strip()})'
+  if not exists:
     raise DataError(
-        f'SentencePiece model {path!r} does not exist or cannot be read. Pass the path of a '
-        f'.model file (the T5 vocabulary is {T5_VOCABULARY}, which needs Cloud access), or pass no '
-        'path to use the offline vocabulary trained on the local corpus.')
+        f'SentencePiece model {path!r} {problem}. Pass the path of a .model file (the T5 '
+        f'vocabulary is {T5_VOCABULARY}, which needs Cloud access), or pass no path to use the '
+        'offline vocabulary trained on the local corpus.')
   return seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
 
 
@@ -36,8 +39,8 @@ def offline_vocabulary(vocab_size: int = 4000, extra_ids: int = 100,
   """Returns a unigram SentencePiece vocabulary trained on the offline corpus (train split).
 
   Trained at first use into `<cache>/vocab/offline_spm_<vocab_size>.model` and reused afterwards.
-  Processes that start at once serialize on a lock file; the model is trained under a temporary
-  prefix and moved into place, so no reader ever sees a partial model.
+  Processes that start at once serialize on a lock file (the later ones find the model done); the
+  model is written to a temporary file and moved into place, so no reader sees a partial model.
   """
   folder = os.path.join(cache_dir or cache.cache_dir(), 'vocab')
   model = os.path.join(folder, f'offline_spm_{vocab_size}.model')
@@ -67,10 +70,7 @@ def _train(text_file: str, model: str, vocab_size: int) -> None:
     except RuntimeError as e:
       raise DataError(f'Could not train a {vocab_size}-piece vocabulary on {text_file}: {e}. '
                       'Choose a smaller offline vocabulary size.') from e
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(model), prefix='.tmp-')
-  with os.fdopen(fd, 'wb') as f:
-    f.write(proto.getvalue())
-  os.replace(tmp, model)
+  cache.atomic_write(model, proto.getvalue())
 
 
 def padded_vocab_size(vocabulary, multiple: int = 128) -> int:

@@ -10,6 +10,8 @@ final RMSNorm and dropout. Layers are scanned (`nn.scan`, params stacked on a `l
 time does not grow with depth, and optionally rematerialized.
 """
 
+import contextlib
+import contextvars
 import dataclasses
 from typing import Any, Callable, Optional
 
@@ -34,6 +36,27 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+_UNROLL = contextvars.ContextVar("unroll_scans", default=False)
+
+
+@contextlib.contextmanager
+def unrolled_scans():
+  """Inside this context scanned stacks are traced fully unrolled (same parameters, no loop).
+
+  XLA's cost analysis counts a loop body once; the FLOPs of a step are measured on the unrolled trace.
+  """
+  token = _UNROLL.set(True)
+  try:
+    yield
+  finally:
+    _UNROLL.reset(token)
+
+
+def scan_unroll() -> int | bool:
+  """The `unroll` argument for scans over layers or microbatches: 1, or True inside unrolled_scans()."""
+  return True if _UNROLL.get() else 1
 
 
 @flax.struct.dataclass
@@ -68,7 +91,7 @@ def apply_layer_stack(layer: nn.Module, x, inputs: LayerInputs, *, num_layers: i
     scanned = nn.scan(cls, variable_axes={"params": 0, "cache": 0},
                       split_rngs={"params": True, "dropout": True},
                       in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=num_layers,
-                      metadata_params={nn.PARTITION_NAME: "layers"})
+                      unroll=scan_unroll(), metadata_params={nn.PARTITION_NAME: "layers"})
     x, _ = scanned(name=name, **kwargs)(x, inputs, deterministic, decode)
     return x
   for i in range(num_layers):
@@ -159,7 +182,7 @@ class Encoder(nn.Module):
       bias = self.position_bias_factory(bidirectional=True, name="relpos")(x.shape[1], x.shape[1])
     inputs = LayerInputs(attention_lib.self_attention_inputs(segment_ids, causal=False,
                                                              position_bias=bias))
-    x = apply_layer_stack(self.layer_factory(parent=None), x, inputs, num_layers=self.num_layers,
+    x = apply_layer_stack(self.layer_factory(dtype=self.dtype, parent=None), x, inputs, num_layers=self.num_layers,
                           scan=self.scan_layers, remat_policy=self.remat_policy,
                           deterministic=deterministic, decode=False)
     x = self.norm_factory(dtype=self.dtype, name="final_norm")(x)
@@ -220,7 +243,7 @@ class Decoder(nn.Module):
       self_inputs = attention_lib.self_attention_inputs(segment_ids, causal=True, position_bias=bias)
     inputs = LayerInputs(self_inputs, attention_lib.cross_attention_inputs(segment_ids, encoder_segment_ids),
                          encoded)
-    x = apply_layer_stack(self.layer_factory(parent=None), x, inputs, num_layers=self.num_layers,
+    x = apply_layer_stack(self.layer_factory(dtype=self.dtype, parent=None), x, inputs, num_layers=self.num_layers,
                           scan=self.scan_layers, remat_policy=self.remat_policy,
                           deterministic=deterministic, decode=decode)
     x = self.norm_factory(dtype=self.dtype, name="final_norm")(x)

@@ -1,0 +1,1 @@
+"""Scaling-law fits, tables, plots and the report (reads run.json and metrics.jsonl only)."""

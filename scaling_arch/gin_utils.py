@@ -1,0 +1,79 @@
+"""Gin plumbing shared by the entry points: `--gin_file` / `--gin.NAME=VALUE` flags, search paths, and
+turning gin's exceptions into one readable message."""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Sequence
+
+import gin
+
+from scaling_arch import errors
+
+_GIN_FLAG = re.compile(r"^--gin\.([^=]+)=(.*)$", re.S)
+
+
+def gin_root() -> str:
+  """The directory holding the `gin/` folder: the repository root (a source or editable install), or
+  the installed package, where setup.py places the gin files as package data (scaling_arch/gin)."""
+  package = os.path.dirname(os.path.abspath(__file__))
+  for root in (os.path.dirname(package), package):
+    if os.path.isdir(os.path.join(root, "gin", "models")):
+      return root
+  raise errors.ConfigError(f"The gin/ folder was not found next to {package}; reinstall the package.")
+
+
+def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
+  """`--gin.NAME=VALUE` -> `--gin_bindings=NAME = VALUE`, so absl can parse it (as T5X does)."""
+  out = []
+  for arg in argv:
+    m = _GIN_FLAG.match(arg)
+    out.append(f"--gin_bindings={m.group(1)} = {m.group(2)}" if m else arg)
+  return out
+
+
+def resolve_gin_file(path: str) -> str:
+  for candidate in (path, os.path.join(gin_root(), path), os.path.join(gin_root(), "gin", path)):
+    if os.path.exists(candidate):
+      return candidate
+  raise errors.ConfigError(
+      f"Gin file {path!r} not found (looked relative to the current directory and to {gin_root()}). "
+      "Gin files live under gin/models, gin/sizes, gin/runs and gin/meshes.")
+
+
+def _explain(e: Exception) -> str:
+  msg = str(e).strip()
+  if "No configurable matching" in msg or "Unknown configurable" in msg:
+    return (f"{msg}\nCheck the spelling of the binding; configurables are listed in the gin files under "
+            "gin/ and registered in scaling_arch/layers and scaling_arch/architectures.")
+  if "macro" in msg.lower():
+    return (f"{msg}\nA required gin macro is not set: each gin file's header lists the macros it needs; "
+            "set it in a gin file or with --gin.NAME=VALUE.")
+  return msg
+
+
+def parse(gin_files: Sequence[str], bindings: Sequence[str], *, finalize: bool = True) -> None:
+  """Parses files then bindings (later wins), with readable errors."""
+  gin.clear_config()
+  gin.add_config_file_search_path(gin_root())
+  try:
+    gin.parse_config_files_and_bindings([resolve_gin_file(f) for f in gin_files], list(bindings),
+                                        finalize_config=finalize)
+  except errors.UserError:
+    raise
+  except (ValueError, KeyError, SyntaxError, ImportError, TypeError, IOError) as e:
+    raise errors.ConfigError(f"Gin configuration error: {_explain(e)}") from None
+
+
+def call_configured(fn, *args, **kwargs):
+  """Calls a gin-configured function, turning gin's missing-value / macro errors into ConfigError."""
+  try:
+    return fn(*args, **kwargs)
+  except errors.UserError:
+    raise
+  except (ValueError, TypeError) as e:
+    msg = str(e)
+    if "gin" in msg.lower() or "macro" in msg.lower() or "No values supplied" in msg:
+      raise errors.ConfigError(f"Gin configuration error: {_explain(e)}") from None
+    raise

@@ -1,0 +1,87 @@
+"""Batches for the trainer: a seqio Task -> packed encoder-decoder features -> this process's rows.
+
+Every process builds the same global batch and keeps its own contiguous slice of rows, so what a step
+trains on does not depend on the number of processes. The dataset is deterministic for a given seed and
+its iterator can be saved with `tf.train.Checkpoint(iterator=...)`, so a restarted run resumes at the
+same input position.
+"""
+
+import os
+
+import seqio
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from scaling_arch.errors import DataError
+
+FEATURES = ('encoder_input_tokens', 'encoder_segment_ids', 'encoder_positions',
+            'decoder_input_tokens', 'decoder_target_tokens', 'decoder_loss_weights',
+            'decoder_segment_ids', 'decoder_positions')
+
+
+def get_dataset(task: seqio.Task, *, split: str, feature_lengths: dict[str, int],
+                global_batch_size: int, seed: int | None, shuffle: bool, repeat: bool,
+                pack: bool = True, process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
+  """Returns batches of `global_batch_size // process_count` rows with the int32 `FEATURES`.
+
+  Args:
+    task: a seqio Task with `inputs` and `targets` features (see `tasks.pretraining`).
+    split: a split of the task, e.g. 'train' or 'validation'.
+    feature_lengths: `{'inputs': ..., 'targets': ...}` token lengths of the packed rows.
+    global_batch_size: rows per step over all processes; a multiple of `process_count`.
+    seed: seed for shuffling and the random preprocessing; same seed, same batches.
+    shuffle: whether to shuffle examples (buffer of the task's size).
+    repeat: repeat the split forever (training) or read it once (evaluation; a last partial global
+      batch is dropped).
+    pack: pack several examples per row (seqio's packing); else one example per row.
+    process_index: this process's rank; it keeps rows [index*local, (index+1)*local) of each batch.
+    process_count: number of processes reading the same global batches.
+  """
+  if global_batch_size <= 0 or process_count <= 0 or global_batch_size % process_count:
+    raise DataError(f'global_batch_size {global_batch_size} must be a positive multiple of the '
+                    f'process count {process_count}; change the batch size.')
+  if not 0 <= process_index < process_count:
+    raise DataError(f'process_index {process_index} is not in [0, {process_count}).')
+  if split not in task.splits:
+    raise DataError(f'Task {task.name} has no split {split!r}; its splits are {list(task.splits)}.')
+  ds = _task_dataset(task, sequence_length=dict(feature_lengths), split=split, shuffle=shuffle,
+                     seed=seed, num_epochs=None if repeat else 1, use_cached=False,
+                     try_in_mem_cache=False)
+  ds = seqio.EncDecFeatureConverter(pack=pack)(ds, dict(feature_lengths))
+  ds = ds.map(_with_all_features, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(global_batch_size, drop_remainder=True)
+  if process_count > 1:
+    local = global_batch_size // process_count
+    start, stop = process_index * local, (process_index + 1) * local
+    ds = ds.map(lambda batch: {k: v[start:stop] for k, v in batch.items()})
+  options = tf.data.Options()
+  options.deterministic = True
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
+
+
+def _with_all_features(example):
+  """Adds segment ids and positions when unpacked (one segment per row) and casts all to int32."""
+  example = dict(example)
+  for prefix, tokens in (('encoder', 'encoder_input_tokens'), ('decoder', 'decoder_target_tokens')):
+    if f'{prefix}_segment_ids' not in example:
+      segment_ids = tf.cast(tf.not_equal(example[tokens], 0), tf.int32)
+      example[f'{prefix}_segment_ids'] = segment_ids
+      example[f'{prefix}_positions'] = tf.range(tf.size(segment_ids), dtype=tf.int32) * segment_ids
+  return {k: tf.cast(example[k], tf.int32) for k in FEATURES}
+
+
+def _task_dataset(task: seqio.Task, **kwargs) -> tf.data.Dataset:
+  """`task.get_dataset(**kwargs)`, turning a TFDS dataset that is not prepared into a DataError."""
+  try:
+    return task.get_dataset(**kwargs)
+  except (AssertionError, tfds.core.registered.DatasetNotFoundError) as e:
+    if not isinstance(task.source, seqio.TfdsDataSource):
+      raise
+    name = task.source.tfds_dataset.name
+    data_dir = (task.source.tfds_dataset.data_dir or os.environ.get('TFDS_DATA_DIR')
+                or '~/tensorflow_datasets')
+    raise DataError(
+        f'TFDS dataset {name} is not available in data dir {data_dir} ({e}). Prepare it once with '
+        f'`tfds build {name} --data_dir={data_dir}` (C4 needs Apache Beam and a lot of disk), or '
+        'point the data dir (tfds_data_dir, or the TFDS_DATA_DIR environment variable) at a '
+        'prepared copy, e.g. a gs:// bucket on Cloud. Nothing is downloaded automatically.') from e
