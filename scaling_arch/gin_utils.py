@@ -43,7 +43,12 @@ def resolve_gin_file(path: str) -> str:
 
 
 def _explain(e: Exception) -> str:
-  msg = str(e).strip()
+  lines = []
+  for line in str(e).strip().splitlines():
+    if line.startswith("# Parameters for") or "config at the time" in line.lower() or line.startswith("# ==="):
+      break
+    lines.append(line)
+  msg = "\n".join(l for l in lines if l.strip()).strip()
   if "No configurable matching" in msg or "Unknown configurable" in msg:
     return (f"{msg}\nCheck the spelling of the binding; configurables are listed in the gin files under "
             "gin/ and registered in scaling_arch/layers and scaling_arch/architectures.")
@@ -55,6 +60,7 @@ def _explain(e: Exception) -> str:
 
 def parse(gin_files: Sequence[str], bindings: Sequence[str], *, finalize: bool = True) -> None:
   """Parses files then bindings (later wins), with readable errors."""
+  from scaling_arch import train  # noqa: F401  registers `train` and, through it, every configurable
   gin.clear_config()
   gin.add_config_file_search_path(gin_root())
   try:
@@ -77,3 +83,12 @@ def call_configured(fn, *args, **kwargs):
     if "gin" in msg.lower() or "macro" in msg.lower() or "No values supplied" in msg:
       raise errors.ConfigError(f"Gin configuration error: {_explain(e)}") from None
     raise
+
+
+def configured_module(vocab_size: int):
+  """The encoder-decoder module that the parsed gin files bind to `train.module_factory`."""
+  try:
+    reference = gin.query_parameter("train.module_factory")
+  except ValueError as e:
+    raise errors.ConfigError(f"No architecture is configured ({e}); pass a gin/models/*.gin file.") from None
+  return call_configured(reference.scoped_configurable_fn, vocab_size=vocab_size)

@@ -10,6 +10,13 @@ MODEL_DIR receives config.gin, checkpoints/, tensorboard/, metrics.jsonl and run
 
 from __future__ import annotations
 
+if __name__ == "__main__":
+  # `python -m scaling_arch.train` runs this file as `__main__`, while other modules (gin_utils, benchmark)
+  # import it as `scaling_arch.train`. Run the CLI from that one module object, so its absl flags and gin
+  # configurables are registered once (a second copy raises DuplicateFlagError or makes `train` ambiguous).
+  from scaling_arch import train as _package_module
+  _package_module.cli()  # exits
+
 import contextlib
 import hashlib
 import os
@@ -349,5 +356,5 @@ def main(argv):
   sys.exit(run(argv, train))
 
 
-if __name__ == "__main__":
+def cli() -> None:
   app.run(main, argv=gin_utils.rewrite_gin_args(sys.argv))
