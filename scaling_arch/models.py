@@ -4,7 +4,8 @@ predictions, the way T5X's model classes do.
 Loss convention: cross-entropy summed over real target tokens and divided by their number (so the train
 loss and the evaluation's negative log-perplexity are in nats per target token), plus T5's z-loss
 (1e-4 * logZ^2, in training only) and any auxiliary losses a layer sows into the `aux_loss` collection
-(mixture-of-experts load balancing).
+(mixture-of-experts load balancing). Scalars a layer sows into the `metrics` collection (e.g. the
+fraction of tokens a router dropped) are averaged and logged as `metrics/<path>`.
 """
 
 from __future__ import annotations
@@ -73,15 +74,15 @@ class EncoderDecoderModel:
     rngs = {"dropout": dropout_rng} if enable_dropout else {}
     logits, state = self.module.apply({"params": params}, **self._module_inputs(batch),
                                       enable_dropout=enable_dropout, rngs=rngs,
-                                      mutable=[self.aux_loss_collection])
+                                      mutable=[self.aux_loss_collection, "metrics"])
     aux = jax.tree.leaves(state.get(self.aux_loss_collection, {}))
     aux_loss = sum((jnp.sum(a) for a in aux), jnp.zeros((), jnp.float32))
-    return logits, aux_loss, state.get(self.aux_loss_collection, {})
+    return logits, aux_loss, sown_metrics(state.get("metrics", {}))
 
   def loss_fn(self, params, batch: Batch, dropout_rng, *, enable_dropout: bool = True):
     """Scalar training loss and a dict of summed statistics (for logging across microbatches)."""
-    logits, aux_loss, _ = self.logits(params, batch, dropout_rng=dropout_rng,
-                                      enable_dropout=enable_dropout)
+    logits, aux_loss, layer_metrics = self.logits(params, batch, dropout_rng=dropout_rng,
+                                                  enable_dropout=enable_dropout)
     weights = self._weights(batch)
     ce, z = cross_entropy_with_z_loss(logits, batch["decoder_target_tokens"], weights, self.z_loss)
     num_tokens = jnp.maximum(jnp.sum(weights), 1.0)
@@ -92,6 +93,7 @@ class EncoderDecoderModel:
         "aux_loss": aux_loss,
         "num_tokens": jnp.sum(weights),
         "accuracy_sum": jnp.sum((jnp.argmax(logits, -1) == batch["decoder_target_tokens"]) * weights),
+        **layer_metrics,
     }
     return loss, stats
 
@@ -137,6 +139,15 @@ class EncoderDecoderModel:
         {"params": params, "cache": cache}, encoded, encoded_segment_ids, tokens, decode=True,
         mutable=["cache"], method=self.module.decode)
     return jax.nn.log_softmax(logits[:, -1].astype(jnp.float32), axis=-1), variables["cache"]
+
+
+def sown_metrics(collection) -> dict:
+  """{'metrics/<path>': mean} for every array layers sowed into the `metrics` collection."""
+  out = {}
+  for path, value in jax.tree_util.tree_flatten_with_path(collection)[0]:
+    name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    out[f"metrics/{name}"] = jnp.mean(jnp.asarray(value, jnp.float32))
+  return out
 
 
 def count_params(params) -> int:

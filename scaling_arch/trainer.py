@@ -204,7 +204,9 @@ class Trainer:
         "accuracy": stats["accuracy_sum"] / num_tokens,
         "num_tokens": stats["num_tokens"],
         "learning_rate": self.learning_rate_fn(state.step),
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
+        # Layer metrics (summed over microbatches) as their mean.
+        **{k: v / self.num_microbatches for k, v in stats.items() if k.startswith("metrics/")},
     }
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

@@ -84,7 +84,12 @@ def test_model_gin_initializes_and_trains_a_step_on_a_4x4_mesh(path):
            for k in ("encoder_input_tokens", "decoder_target_tokens")}
   batch["decoder_input_tokens"] = np.concatenate(
       [np.zeros((16, 1), np.int32), batch["decoder_target_tokens"][:, :-1]], axis=1)
+  params = jax.device_get(state.params)
   state, metrics = tr.train_step(state, part.put_batch(batch))
   loss = float(metrics["loss"])
   assert np.isfinite(loss) and abs(loss - np.log(512)) < 3.5, loss
   assert int(state.step) == 1
+  # The same loss computed on one device, unsharded.
+  one_device = jax.device_put(params, jax.devices()[0])
+  single, _ = jax.jit(lambda p, b: tr.model.loss_fn(p, b, None, enable_dropout=False))(one_device, batch)
+  assert abs(float(single) - loss) < 1e-4, (float(single), loss)

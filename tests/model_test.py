@@ -47,70 +47,21 @@ def test_vanilla_parameter_count_matches_the_formula_and_the_table(size):
     assert count == EXACT[size]
 
 
-@pytest.fixture(scope="module")
-def tiny():
-  module = build("tiny", vocab=300, bindings=["NUM_ENCODER_LAYERS = 2", "NUM_DECODER_LAYERS = 2",
-                                              "EMBED_DIM = 64", "MLP_DIM = 128", "NUM_HEADS = 4",
-                                              "HEAD_DIM = 16"])
-  gin.clear_config()
-  rng = np.random.RandomState(0)
-  enc = jnp.asarray(rng.randint(1, 300, (2, 12)), jnp.int32)
-  tgt = jnp.asarray(rng.randint(1, 300, (2, 10)), jnp.int32)
-  variables = module.init(jax.random.key(0), enc, shift(tgt), tgt)
-  return module, variables, enc, tgt
-
-
 def shift(targets):
   return jnp.concatenate([jnp.zeros_like(targets[:, :1]), targets[:, :-1]], axis=1)
 
 
-def test_decoder_is_causal(tiny):
-  module, variables, enc, tgt = tiny
-  full = module.apply(variables, enc, shift(tgt), tgt)
-  for t in (1, 4, 9):
-    changed = tgt.at[:, t:].set((tgt[:, t:] + 7) % 299 + 1)
-    out = module.apply(variables, enc, shift(changed), changed)
-    # Output at position p reads inputs up to p, i.e. targets up to p - 1.
-    np.testing.assert_allclose(out[:, :t + 1], full[:, :t + 1], atol=1e-5)
-    assert float(jnp.abs(out[:, t + 1:] - full[:, t + 1:]).max()) > 1e-3 if t + 1 < tgt.shape[1] else True
-
-
-def test_encoder_padding_does_not_change_real_positions(tiny):
-  module, variables, enc, tgt = tiny
-  padded = jnp.concatenate([enc, jnp.zeros((2, 6), jnp.int32)], axis=1)
-  a = module.apply(variables, enc, shift(tgt), tgt)
-  b = module.apply(variables, padded, shift(tgt), tgt)
-  np.testing.assert_allclose(a, b, atol=1e-5)
-
-
-def test_packed_examples_do_not_see_each_other(tiny):
-  module, variables, enc, tgt = tiny
-  # Row 0 packs example A (enc[0, :6] -> tgt[0, :5]) and example B (enc[1, :6] -> tgt[1, :5]).
-  packed_enc = jnp.concatenate([enc[0, :6], enc[1, :6]])[None]
-  packed_tgt = jnp.concatenate([tgt[0, :5], tgt[1, :5]])[None]
-  packed_in = jnp.concatenate([shift(tgt[:1, :5]), shift(tgt[1:2, :5])], axis=1)
-  seg_e = jnp.asarray([[1] * 6 + [2] * 6])
-  seg_d = jnp.asarray([[1] * 5 + [2] * 5])
-  packed = module.apply(variables, packed_enc, packed_in, packed_tgt, seg_e, seg_d)
-  for i in range(2):
-    alone = module.apply(variables, enc[i:i + 1, :6], shift(tgt[i:i + 1, :5]), tgt[i:i + 1, :5])
-    np.testing.assert_allclose(packed[:, 5 * i:5 * i + 5], alone, atol=1e-4)
-
-
-def test_incremental_decoding_equals_teacher_forcing(tiny):
-  module, variables, enc, tgt = tiny
-  model = models.EncoderDecoderModel(module)
-  params = variables["params"]
-  full = jax.nn.log_softmax(module.apply(variables, enc, shift(tgt), tgt), axis=-1)
-  encoded, seg = model.encode(params, enc)
-  cache = model.init_cache(params, encoded, seg, batch_size=2, max_length=tgt.shape[1])
-  inputs = shift(tgt)
-  for t in range(tgt.shape[1]):
-    log_probs, cache = model.decode_step(params, cache, encoded, seg, inputs[:, t:t + 1])
-    np.testing.assert_allclose(log_probs, full[:, t], atol=1e-4)
+# Causality, padding and packing invariance and cached decoding are tested for every architecture,
+# the baseline included, in architectures_test.py.
 
 
 def test_one_train_step_sharded_4x4_equals_one_device():
+  """Same loss and updated parameters on a 4x4 mesh as on one device.
+
+  Plain SGD here: Adafactor's first step is sign(gradient) for small parameters, so a gradient within
+  float rounding of zero may legitimately flip between the two layouts.
+  """
+  import optax
   module = build("tiny", vocab=256, bindings=["NUM_ENCODER_LAYERS = 2", "NUM_DECODER_LAYERS = 2",
                                               "EMBED_DIM = 64", "MLP_DIM = 128", "NUM_HEADS = 4",
                                               "HEAD_DIM = 16"])
@@ -122,14 +73,13 @@ def test_one_train_step_sharded_4x4_equals_one_device():
   results = {}
   for name, shape, devices in [("4x4", (4, 4), None), ("1", (1, 1), jax.devices()[:1])]:
     part = partitioning.Partitioner(shape, ("data", "model"), devices=devices)
-    lr = optimizers.rsqrt_schedule()
-    tr = trainer.Trainer(models.EncoderDecoderModel(module), part, optimizer=optimizers.adafactor(lr),
-                         learning_rate_fn=lr, batch_shapes=shapes)
+    tr = trainer.Trainer(models.EncoderDecoderModel(module), part, optimizer=optax.sgd(1.0),
+                         learning_rate_fn=lambda step: 1.0, batch_shapes=shapes)
     state, metrics = tr.train_step(tr.init_state(), part.put_batch(batch))
     results[name] = (float(metrics["loss"]), jax.device_get(state.params))
-  assert abs(results["4x4"][0] - results["1"][0]) < 1e-5
+  assert abs(results["4x4"][0] - results["1"][0]) < 1e-5 * results["1"][0]
   for a, b in zip(jax.tree.leaves(results["4x4"][1]), jax.tree.leaves(results["1"][1])):
-    np.testing.assert_allclose(a, b, atol=1e-5)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_every_parameter_maps_through_the_axis_rules():

@@ -25,6 +25,8 @@ class MlpBlock(nn.Module):
   a gated unit (kernels wi_0, wi_1, ..., wo), e.g. ('gelu', 'linear') for GeGLU."""
   intermediate_dim: int
   activations: Sequence[str] = ("relu",)
+  # Multiplies intermediate_dim (rounded): e.g. 2/3 so a gated unit matches the ReLU MLP's parameters.
+  intermediate_dim_scale: float = 1.0
   intermediate_dropout_rate: float = 0.0
   kernel_init_scale: float = 1.0
   dtype: Any = jnp.float32
@@ -35,10 +37,11 @@ class MlpBlock(nn.Module):
     if unknown:
       raise ValueError(f"Unknown activation(s) {unknown}; known: {sorted(ACTIVATIONS)}")
     init = initializers.fan_in_normal(self.kernel_init_scale)
+    width = int(round(self.intermediate_dim * self.intermediate_dim_scale))
     h = None
     for i, act in enumerate(self.activations):
       name = "wi" if len(self.activations) == 1 else f"wi_{i}"
-      y = ACTIVATIONS[act](Dense(self.intermediate_dim, ("embed", "mlp"), init, dtype=self.dtype,
+      y = ACTIVATIONS[act](Dense(width, ("embed", "mlp"), init, dtype=self.dtype,
                                  name=name)(x))
       h = y if h is None else h * y
     h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))

@@ -88,7 +88,7 @@ def apply_layer_stack(layer: nn.Module, x, inputs: LayerInputs, *, num_layers: i
     cls = nn.remat(cls, policy=REMAT_POLICIES[remat_policy], prevent_cse=not scan, static_argnums=(3, 4))
   kwargs = module_fields(layer)
   if scan:
-    scanned = nn.scan(cls, variable_axes={"params": 0, "cache": 0},
+    scanned = nn.scan(cls, variable_axes={"params": 0, "cache": 0, "aux_loss": 0, "metrics": 0},
                       split_rngs={"params": True, "dropout": True},
                       in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=num_layers,
                       unroll=scan_unroll(), metadata_params={nn.PARTITION_NAME: "layers"})
