@@ -20,6 +20,7 @@ if __name__ == "__main__":
 import contextlib
 import hashlib
 import os
+import re
 import signal
 import sys
 import time
@@ -27,6 +28,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import gin
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
@@ -89,6 +91,17 @@ def model_config_lines() -> list[str]:
     if key.startswith(("layers.", "architectures.", "EncoderDecoderModel.")) and "dropout" not in key:
       lines.append(" ".join(line.split()))
   return sorted(lines)
+
+
+@jax.jit
+def _all_finite_impl(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def _all_finite(tree) -> bool:
+  """Whether every floating-point leaf of `tree` (global, possibly sharded arrays) is finite."""
+  return bool(jax.device_get(_all_finite_impl(tree)))
 
 
 @gin.configurable(denylist=["model_dir_override"])
@@ -217,22 +230,32 @@ def train(*,
   steps_per_sec = 0.0
   first_step_done = False
 
+  def nonfinite(what: str) -> errors.NonFiniteLossError:
+    return errors.NonFiniteLossError(
+        f"{what}. Training stopped; the last good checkpoint "
+        f"({'step ' + str(last_good_checkpoint) if last_good_checkpoint is not None else 'none'}) in "
+        f"{checkpointer.directory} is kept. Lower the learning rate, use float32 activations, or "
+        "check the data.")
+
   def check(entries) -> None:
     nonlocal last_loss
     for s, m in entries:
       loss = float(m["loss"])
       if not np.isfinite(loss):
-        raise errors.NonFiniteLossError(
-            f"The loss became {loss} at step {s}. Training stopped; the last good checkpoint "
-            f"({'step ' + str(last_good_checkpoint) if last_good_checkpoint is not None else 'none'}) in "
-            f"{checkpointer.directory} is kept. Lower the learning rate, use float32 activations, or "
-            "check the data.")
+        raise nonfinite(f"The loss became {loss} at step {s}")
       last_loss = loss
 
   def save(s):
     nonlocal last_good_checkpoint
+    if s == last_good_checkpoint:
+      return  # already saved at this step (a periodic save, then preemption or stop_after_steps)
     check(pending)
     pending.clear()
+    # The loss of step s was computed before its update; the update itself may have made the state
+    # non-finite (which only the next step's loss would show). Never write such a state as a checkpoint.
+    if not _all_finite(state):
+      raise nonfinite(f"The parameters or optimizer state became non-finite at step {s} (its loss, "
+                      f"{last_loss}, was still finite)")
     checkpointer.save(s, state, train_iter)
     last_good_checkpoint = s
 
@@ -334,6 +357,13 @@ def initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
+def _message(e: BaseException) -> str:
+  """The exception's message without the "In call to configurable 'x' (<function x at 0x...>)" lines
+  that gin appends to any exception passing through a configurable."""
+  return "\n".join(line for line in str(e).splitlines()
+                   if not re.match(r"\s*In call to configurable '", line)).strip()
+
+
 def run(argv: Sequence[str], entry: Callable[..., Any]) -> int:
   """Parses gin, runs `entry` and turns user errors into one readable line (exit status 2)."""
   del argv
@@ -342,10 +372,10 @@ def run(argv: Sequence[str], entry: Callable[..., Any]) -> int:
     gin_utils.parse(FLAGS.gin_file, FLAGS.gin_bindings)
     gin_utils.call_configured(entry)
   except Preempted as e:
-    print(str(e), file=sys.stderr, flush=True)
+    print(_message(e), file=sys.stderr, flush=True)
     return 128 + signal.SIGTERM
   except errors.UserError as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
+    print(f"error: {_message(e)}", file=sys.stderr, flush=True)
     return 2
   return 0
 
