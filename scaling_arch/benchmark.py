@@ -95,6 +95,27 @@ def measure_matmul_peak(devices: Optional[Sequence[Any]] = None, *, sizes: Seque
           "devices": d, "dtype": jnp.dtype(dtype).name, "by_size": by_size}
 
 
+# ---- how busy the machine is --------------------------------------------------------------------------
+def _cpu_snapshot() -> tuple[float, float, Optional[float]]:
+  """(wall seconds, this process's CPU seconds, CPU seconds of all processes or None off Linux)."""
+  wall, own = time.perf_counter(), time.process_time()
+  try:
+    with open("/proc/stat") as f:
+      fields = [int(x) for x in f.readline().split()[1:9]]
+    busy = (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+  except (OSError, ValueError, IndexError):
+    busy = None
+  return wall, own, busy
+
+
+def cpu_load(start, end) -> dict:
+  """This process's CPU seconds, and the cores other processes (and the hypervisor) kept busy."""
+  wall = max(end[0] - start[0], 1e-9)
+  own = end[1] - start[1]
+  other = None if start[2] is None or end[2] is None else max(0.0, (end[2] - start[2]) - own) / wall
+  return {"process_cpu_seconds": own, "other_busy_cores": other}
+
+
 # ---- the configuration -------------------------------------------------------------------------------
 def _train_binding(name: str, default: Any) -> Any:
   """The value bound to `train.<name>` (references resolved, as gin would pass it), else `default`."""
@@ -154,6 +175,8 @@ def run_benchmark(*, gin_files: Sequence[str] = (), gin_bindings: Sequence[str] 
                       ("target_length", target_length), ("steps", steps)):
     if value <= 0:
       raise errors.ConfigError(f"--{name} must be positive, got {value}.")
+  if vocab_size < 2:
+    raise errors.ConfigError(f"--vocab_size must be at least 2, got {vocab_size}.")
   if warmup_steps < 0:
     raise errors.ConfigError(f"--warmup_steps must be >= 0, got {warmup_steps}.")
   gin_files = list(gin_files) or list(DEFAULT_GIN_FILES)
@@ -180,8 +203,10 @@ def run_benchmark(*, gin_files: Sequence[str] = (), gin_bindings: Sequence[str] 
   print_fn(f"params: {trainer.num_params:,}")
   print_fn(f"mesh: {dict(partitioner.mesh.shape)} ({devices} x {jax.devices()[0].device_kind})")
 
+  load_start = _cpu_snapshot()
   peak = measure_matmul_peak(list(partitioner.mesh.devices.flat), sizes=peak_sizes,
                              min_seconds=peak_min_seconds, trials=peak_trials)
+  peak_load = cpu_load(load_start, _cpu_snapshot())
   print_fn(f"matmul peak: {peak['flops_per_sec'] / 1e9:.1f} GFLOP/s (f32, {devices} devices; "
            f"{peak['flops_per_sec_per_device'] / 1e9:.1f} per device, best at {peak['size']}^3)")
 
@@ -195,11 +220,13 @@ def run_benchmark(*, gin_files: Sequence[str] = (), gin_bindings: Sequence[str] 
     state, metrics = trainer.train_step(state, batch)
     jax.block_until_ready((state, metrics))
   times = []
+  load_start = _cpu_snapshot()
   for _ in range(steps):
     start = time.perf_counter()
     state, metrics = trainer.train_step(state, batch)  # the state is donated: keep only the returned one
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - start)
+  step_load = cpu_load(load_start, _cpu_snapshot())
   loss = float(jax.device_get(metrics["loss"]))
   if not math.isfinite(loss):
     raise errors.NonFiniteLossError(f"The benchmark's train step produced a non-finite loss ({loss}).")
@@ -221,7 +248,11 @@ def run_benchmark(*, gin_files: Sequence[str] = (), gin_bindings: Sequence[str] 
       "tokens_per_sec": tokens_per_step / median, "flops_per_step": flops,
       "flops_per_sec": flops / median, "mfu": flops / median / peak["flops_per_sec"],
       "mfu_best": flops / best / peak["flops_per_sec"], "final_loss": loss,
+      "cpu_seconds_per_step": step_load["process_cpu_seconds"] / steps,
+      "other_busy_cores_steps": step_load["other_busy_cores"],
+      "other_busy_cores_peak": peak_load["other_busy_cores"], "host_cpus": os.cpu_count(),
       "jax_version": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
   }
   print_fn(f"compile: {compile_seconds:.1f} s")
   print_fn(f"step time: median {median * 1e3:.1f} ms, best {best * 1e3:.1f} ms ({steps} steps after "
@@ -230,6 +261,14 @@ def run_benchmark(*, gin_files: Sequence[str] = (), gin_bindings: Sequence[str] 
   print_fn(f"FLOPs/step: {flops:.4g} (XLA cost analysis; {flops / median / 1e9:.1f} GFLOP/s achieved)")
   print_fn(f"MFU: {100 * result['mfu']:.1f}% (median step; {100 * result['mfu_best']:.1f}% best step) "
            "of the measured f32 matmul peak")
+  others = [x for x in (step_load["other_busy_cores"], peak_load["other_busy_cores"]) if x is not None]
+  if others:
+    print_fn(f"load: {result['cpu_seconds_per_step']:.2f} CPU-s per step in this process; other processes kept "
+             f"{step_load['other_busy_cores']:.2f} (steps) / {peak_load['other_busy_cores']:.2f} (peak) of "
+             f"{os.cpu_count()} cores busy")
+    if max(others) > 0.25:
+      print_fn("warning: the machine was not idle while timing; step times, the peak and MFU are unreliable "
+               "(re-run on a quiet machine)")
   if json_out:
     import tensorflow as tf
     parent = os.path.dirname(json_out)
@@ -250,10 +289,30 @@ flags.DEFINE_integer("vocab_size", 32128, "Vocabulary size (token ids are random
 flags.DEFINE_integer("warmup_steps", 3, "Untimed steps first (the first one compiles).")
 flags.DEFINE_integer("steps", 10, "Timed steps.")
 flags.DEFINE_string("json_out", None, "Optional path to write the results as JSON.")
+flags.DEFINE_bool("malloc_hugepages", True,
+                  "On Linux, re-run with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 unless it is set: XLA:CPU "
+                  "allocates its buffers afresh every step, and transparent huge pages for them save most of "
+                  "the page faults (about 15% of a CPU train step). Training runs get the same only when "
+                  "launched with that variable.")
+
+HUGETLB_TUNABLE = "glibc.malloc.hugetlb=1"
+
+
+def _reexec_with_hugepage_malloc() -> None:
+  """Replaces this process by the same command with glibc's malloc using transparent huge pages."""
+  tunables = os.environ.get("GLIBC_TUNABLES", "")
+  if not sys.platform.startswith("linux") or "glibc.malloc.hugetlb" in tunables:
+    return
+  os.environ["GLIBC_TUNABLES"] = ":".join(t for t in (tunables, HUGETLB_TUNABLE) if t)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.execv(sys.executable, [sys.executable, "-m", "scaling_arch.benchmark", *sys.argv[1:]])
 
 
 def main(argv):
   del argv
+  if FLAGS.malloc_hugepages:
+    _reexec_with_hugepage_malloc()
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   try:

@@ -17,6 +17,7 @@ from scaling_arch import benchmark, errors
 # Tiny geometry: every size macro of the vanilla model, overridden.
 L, D, FF, H, DH, V = 1, 64, 128, 2, 32, 512
 BATCH, INPUTS, TARGETS = 16, 32, 8
+GIN_FILES = ["gin/models/vanilla.gin", "gin/sizes/tiny.gin", "gin/runs/benchmark.gin"]
 BINDINGS = [f"NUM_ENCODER_LAYERS={L}", f"NUM_DECODER_LAYERS={L}", f"EMBED_DIM={D}", f"MLP_DIM={FF}",
             f"NUM_HEADS={H}", f"HEAD_DIM={DH}"]
 
@@ -49,7 +50,7 @@ def result(tmp_path_factory):
   lines = []
   try:
     out = benchmark.run_benchmark(
-        gin_bindings=BINDINGS, batch_size=BATCH, input_length=INPUTS, target_length=TARGETS, vocab_size=V,
+        gin_files=GIN_FILES, gin_bindings=BINDINGS, batch_size=BATCH, input_length=INPUTS, target_length=TARGETS, vocab_size=V,
         warmup_steps=1, steps=2, json_out=str(path), peak_sizes=(128, 256), peak_min_seconds=0.05,
         peak_trials=2, print_fn=lines.append)
   finally:
@@ -97,6 +98,7 @@ def test_printed_lines_and_json(result):
   assert written["mfu"] == pytest.approx(r["mfu"])
   assert written["flops_per_step"] == r["flops_per_step"]
   assert written["gin_bindings"] == BINDINGS
+  assert written["gin_files"] == GIN_FILES
 
 
 def test_bad_flags_are_user_errors():
