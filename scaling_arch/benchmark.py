@@ -21,7 +21,8 @@ What the figures mean:
     elementwise work alike, including the optimizer. It is not the analytic 6 * params * tokens.
   * matmul peak: the best throughput of a jitted dense float32 matmul among a few square sizes, run
     concurrently on every device of the mesh (so forced host devices sharing cores are not counted
-    as independent machines), best of several timed trials of >= `peak_min_seconds` each.
+    as independent machines), best of several timed trials of >= `peak_min_seconds` each, measured
+    before and after the timed steps (the higher counts).
   * MFU: FLOPs/step / median step time / matmul peak. It is relative to a *measured* matmul peak, not to
     the hardware's theoretical peak, and is only as steady as the machine is quiet.
 """
@@ -116,6 +117,25 @@ def cpu_load(start, end) -> dict:
   return {"process_cpu_seconds": own, "other_busy_cores": other}
 
 
+def _compiled_memory(compiled) -> dict:
+  """XLA's buffer assignment for the compiled step: temporaries and peak, in bytes (None if unknown)."""
+  try:
+    stats = compiled.memory_analysis()
+  except Exception:  # not every backend implements it
+    stats = None
+  return {"temp_bytes": getattr(stats, "temp_size_in_bytes", None),
+          "peak_bytes": getattr(stats, "peak_memory_in_bytes", None)}
+
+
+def _max_rss_bytes() -> Optional[int]:
+  """This process's peak resident set size so far (Linux reports KiB), or None."""
+  try:
+    import resource
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+  except (ImportError, OSError):
+    return None
+
+
 # ---- the configuration -------------------------------------------------------------------------------
 def _train_binding(name: str, default: Any) -> Any:
   """The value bound to `train.<name>` (references resolved, as gin would pass it), else `default`."""
@@ -147,6 +167,8 @@ def describe_config(gin_files: Sequence[str], gin_bindings: Sequence[str]) -> st
     geometry.append(f"{_macro('NUM_HEADS')} heads of {_macro('HEAD_DIM', '?')}")
   if _macro("ACTIVATION_DTYPE") is not None:
     geometry.append(str(_macro("ACTIVATION_DTYPE")))
+  if _macro("SCAN_LAYERS") is not None:
+    geometry.append("scanned layers" if _macro("SCAN_LAYERS") else "unrolled layers")
   files = ", ".join(gin_files)
   extra = f"; {len(gin_bindings)} binding(s): {', '.join(b.strip() for b in gin_bindings)}" if gin_bindings else ""
   return f"{arch} {size} ({', '.join(geometry)}; {files}{extra})"
@@ -203,17 +225,21 @@ def run_benchmark(*, gin_files: Sequence[str] = (), gin_bindings: Sequence[str] 
   print_fn(f"params: {trainer.num_params:,}")
   print_fn(f"mesh: {dict(partitioner.mesh.shape)} ({devices} x {jax.devices()[0].device_kind})")
 
+  def matmul_peak():
+    return measure_matmul_peak(list(partitioner.mesh.devices.flat), sizes=peak_sizes,
+                               min_seconds=peak_min_seconds, trials=peak_trials)
+
+  # The peak is measured twice, before and after the timed steps, and the higher one counts: a machine's
+  # matmul throughput drifts by 10-20% over a minute (clock, neighbours), and a low peak would flatter MFU.
   load_start = _cpu_snapshot()
-  peak = measure_matmul_peak(list(partitioner.mesh.devices.flat), sizes=peak_sizes,
-                             min_seconds=peak_min_seconds, trials=peak_trials)
+  peak_before = matmul_peak()
   peak_load = cpu_load(load_start, _cpu_snapshot())
-  print_fn(f"matmul peak: {peak['flops_per_sec'] / 1e9:.1f} GFLOP/s (f32, {devices} devices; "
-           f"{peak['flops_per_sec_per_device'] / 1e9:.1f} per device, best at {peak['size']}^3)")
 
   flops = trainer.flops_per_step()
   start = time.perf_counter()
-  trainer.compiled_train_step()
+  compiled = trainer.compiled_train_step()
   compile_seconds = time.perf_counter() - start
+  memory = _compiled_memory(compiled)
   state = trainer.init_state()
   batch = partitioner.put_batch(random_batch(batch_size, input_length, target_length, vocab_size))
   for _ in range(warmup_steps):
@@ -227,6 +253,15 @@ def run_benchmark(*, gin_files: Sequence[str] = (), gin_bindings: Sequence[str] 
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - start)
   step_load = cpu_load(load_start, _cpu_snapshot())
+  load_start = _cpu_snapshot()
+  peak_after = matmul_peak()
+  peak_after_load = cpu_load(load_start, _cpu_snapshot())
+  if (peak_after_load["other_busy_cores"] or 0.0) > (peak_load["other_busy_cores"] or 0.0):
+    peak_load = peak_after_load
+  peak = max(peak_before, peak_after, key=lambda p: p["flops_per_sec"])
+  print_fn(f"matmul peak: {peak['flops_per_sec'] / 1e9:.1f} GFLOP/s (f32, {devices} devices; "
+           f"{peak['flops_per_sec_per_device'] / 1e9:.1f} per device, best at {peak['size']}^3; "
+           f"{peak_before['flops_per_sec'] / 1e9:.1f} before the steps, {peak_after['flops_per_sec'] / 1e9:.1f} after)")
   loss = float(jax.device_get(metrics["loss"]))
   if not math.isfinite(loss):
     raise errors.NonFiniteLossError(f"The benchmark's train step produced a non-finite loss ({loss}).")
@@ -243,7 +278,10 @@ def run_benchmark(*, gin_files: Sequence[str] = (), gin_bindings: Sequence[str] 
       "peak_flops_per_sec": peak["flops_per_sec"], "peak_flops_per_sec_per_device":
       peak["flops_per_sec_per_device"], "peak_matmul_size": peak["size"],
       "peak_by_size": {str(k): v for k, v in peak["by_size"].items()},
-      "compile_seconds": compile_seconds, "warmup_steps": warmup_steps, "steps": steps,
+      "peak_flops_per_sec_before": peak_before["flops_per_sec"], "peak_flops_per_sec_after":
+      peak_after["flops_per_sec"],
+      "compile_seconds": compile_seconds, "xla_temp_bytes": memory["temp_bytes"],
+      "xla_peak_bytes": memory["peak_bytes"], "max_rss_bytes": _max_rss_bytes(), "warmup_steps": warmup_steps, "steps": steps,
       "step_times": times, "step_time_median": median, "step_time_best": best,
       "tokens_per_sec": tokens_per_step / median, "flops_per_step": flops,
       "flops_per_sec": flops / median, "mfu": flops / median / peak["flops_per_sec"],
@@ -258,6 +296,9 @@ def run_benchmark(*, gin_files: Sequence[str] = (), gin_bindings: Sequence[str] 
   print_fn(f"step time: median {median * 1e3:.1f} ms, best {best * 1e3:.1f} ms ({steps} steps after "
            f"{warmup_steps} warm-up)")
   print_fn(f"tokens/s: {result['tokens_per_sec']:,.0f} ({tokens_per_step:,} tokens/step)")
+  mib = lambda b: "?" if b is None else f"{b / 2**20:,.0f} MiB"
+  print_fn(f"memory: {mib(memory['temp_bytes'])} XLA temporaries, {mib(memory['peak_bytes'])} XLA peak "
+           f"(per device); {mib(result['max_rss_bytes'])} process peak RSS")
   print_fn(f"FLOPs/step: {flops:.4g} (XLA cost analysis; {flops / median / 1e9:.1f} GFLOP/s achieved)")
   print_fn(f"MFU: {100 * result['mfu']:.1f}% (median step; {100 * result['mfu_best']:.1f}% best step) "
            "of the measured f32 matmul peak")

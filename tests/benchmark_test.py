@@ -71,6 +71,9 @@ def test_figures_are_consistent(result):
   assert r["peak_flops_per_sec"] == pytest.approx(r["peak_flops_per_sec_per_device"] * 16, rel=1e-9)
   assert r["peak_flops_per_sec"] == pytest.approx(r["peak_by_size"][str(r["peak_matmul_size"])], rel=1e-9)
   assert r["peak_flops_per_sec"] == pytest.approx(max(r["peak_by_size"].values()), rel=1e-9)
+  assert r["peak_flops_per_sec"] == max(r["peak_flops_per_sec_before"], r["peak_flops_per_sec_after"])
+  assert r["max_rss_bytes"] is None or r["max_rss_bytes"] > 0
+  assert r["xla_peak_bytes"] is None or r["xla_peak_bytes"] > 0
   assert r["mfu"] == pytest.approx(r["flops_per_step"] / r["step_time_median"] / r["peak_flops_per_sec"],
                                    rel=1e-9)
   assert r["mfu_best"] == pytest.approx(r["flops_per_step"] / r["step_time_best"] / r["peak_flops_per_sec"],
@@ -90,7 +93,7 @@ def test_printed_lines_and_json(result):
   r, lines, path = result
   text = "\n".join(lines)
   for prefix in ("config: vanilla tiny", "params: ", "matmul peak: ", "step time: median ", "tokens/s: ",
-                 "FLOPs/step: ", "MFU: "):
+                 "memory: ", "FLOPs/step: ", "MFU: "):
     assert any(line.startswith(prefix) for line in lines), (prefix, text)
   assert f"params: {vanilla_params():,}" in lines
   assert f"MFU: {100 * r['mfu']:.1f}%" in text
