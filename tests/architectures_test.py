@@ -7,6 +7,7 @@ row in BASE_PARAMS if its parameter count at base geometry is a reference figure
 import glob
 import os
 
+import flax.linen as nn
 import gin
 import jax
 import jax.numpy as jnp
@@ -206,3 +207,35 @@ def test_loss_falls_over_50_steps_on_the_offline_task(arch, offline_batches):
   first, last = np.mean(losses[:5]), np.mean(losses[-5:])
   assert np.isfinite(losses).all()
   assert last < first - 1.0, (arch, first, last)
+
+
+def _mesh_file_shape(path):
+  gin_utils.parse([path], [])
+  shape = dict(zip(gin.query_parameter("partitioning.Partitioner.axis_names"),
+                   gin.query_parameter("%MESH_SHAPE")))
+  gin.clear_config()
+  return shape
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_base_parameters_shard_evenly_on_the_tpu_v3_16_mesh(arch):
+  """Every sharded dimension of every base-size parameter divides by its mesh axes on the 16-chip slice
+  (the expert mesh file for Switch too), so the TPU mesh files work without a TPU to try them on."""
+  meshes = ["gin/meshes/tpu_v3_16.gin"] + (["gin/meshes/tpu_v3_16_expert.gin"] if arch == "switch" else [])
+  shapes = [_mesh_file_shape(m) for m in meshes]
+  module = build(arch, size="base")
+  x = jnp.ones((1, INPUT_LENGTH), jnp.int32)
+  y = jnp.ones((1, TARGET_LENGTH), jnp.int32)
+  boxed = jax.eval_shape(module.init, jax.random.key(0), x, y, y)["params"]
+  leaves = jax.tree_util.tree_leaves_with_path(boxed, is_leaf=lambda l: hasattr(l, "names"))
+  for mesh_file, shape in zip(meshes, shapes):
+    rules = partitioning.rules_for_mesh(jax.sharding.AbstractMesh(tuple(shape.values()), tuple(shape)))
+    sharded = 0
+    for path, leaf in leaves:
+      spec = nn.logical_to_mesh_axes(leaf.names, rules)
+      for dim, axes in zip(leaf.value.shape, spec):
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        ways = int(np.prod([shape[a] for a in axes]))
+        assert dim % ways == 0, (arch, mesh_file, jax.tree_util.keystr(path), leaf.value.shape, spec)
+        sharded += ways > 1
+    assert sharded > 0, (arch, mesh_file)  # the rules did split something

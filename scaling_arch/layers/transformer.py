@@ -157,7 +157,8 @@ class Encoder(nn.Module):
 
   The relative position bias (one table per stack) is computed once here and shared by every layer.
   Set `position_bias_factory = None` for architectures without it, and `input_position_factory` to add
-  absolute position embeddings to the inputs.
+  absolute position embeddings to the inputs. Architectures that change how the layers are stacked
+  subclass this and override `apply_layers`.
   """
   num_layers: int
   layer_factory: Factory = EncoderLayer
@@ -182,12 +183,17 @@ class Encoder(nn.Module):
       bias = self.position_bias_factory(bidirectional=True, name="relpos")(x.shape[1], x.shape[1])
     inputs = LayerInputs(attention_lib.self_attention_inputs(segment_ids, causal=False,
                                                              position_bias=bias))
-    x = apply_layer_stack(self.layer_factory(dtype=self.dtype, parent=None), x, inputs, num_layers=self.num_layers,
-                          scan=self.scan_layers, remat_policy=self.remat_policy,
-                          deterministic=deterministic, decode=False)
+    x = self.apply_layers(x, inputs, deterministic=deterministic, decode=False)
     x = self.norm_factory(dtype=self.dtype, name="final_norm")(x)
     x = residual_dropout(self.dropout_rate)(x, deterministic=deterministic)
     return x, segment_ids
+
+  def apply_layers(self, x, inputs: "LayerInputs", *, deterministic: bool, decode: bool):
+    """The layers between the embedded inputs and the final norm: what a stack-changing architecture
+    (shared layers, interleaved experts) overrides. Called inside `__call__`, so it may create modules."""
+    return apply_layer_stack(self.layer_factory(dtype=self.dtype, parent=None), x, inputs,
+                             num_layers=self.num_layers, scan=self.scan_layers, remat_policy=self.remat_policy,
+                             deterministic=deterministic, decode=decode)
 
 
 @gin.configurable(module="layers")
@@ -243,11 +249,15 @@ class Decoder(nn.Module):
       self_inputs = attention_lib.self_attention_inputs(segment_ids, causal=True, position_bias=bias)
     inputs = LayerInputs(self_inputs, attention_lib.cross_attention_inputs(segment_ids, encoder_segment_ids),
                          encoded)
-    x = apply_layer_stack(self.layer_factory(dtype=self.dtype, parent=None), x, inputs, num_layers=self.num_layers,
-                          scan=self.scan_layers, remat_policy=self.remat_policy,
-                          deterministic=deterministic, decode=decode)
+    x = self.apply_layers(x, inputs, deterministic=deterministic, decode=decode)
     x = self.norm_factory(dtype=self.dtype, name="final_norm")(x)
     return residual_dropout(self.dropout_rate)(x, deterministic=deterministic)
+
+  def apply_layers(self, x, inputs: "LayerInputs", *, deterministic: bool, decode: bool):
+    """The layers between the embedded targets and the final norm (see `Encoder.apply_layers`)."""
+    return apply_layer_stack(self.layer_factory(dtype=self.dtype, parent=None), x, inputs,
+                             num_layers=self.num_layers, scan=self.scan_layers, remat_policy=self.remat_policy,
+                             deterministic=deterministic, decode=decode)
 
 
 @gin.configurable(module="layers")

@@ -1,0 +1,218 @@
+"""MLP-Mixer token mixing (Tolstikhin et al. 2021) as self-attention replacements (spec section 11,
+decision 10).
+
+Encoder (`TokenMixing`): the Mixer's token-mixing MLP over a fixed length Le, per channel and with weights
+shared over channels: y = W2 GELU(W1 x + b1) + b2 along the length, W1 [D_S, Le], W2 [Le, D_S], D_S = d/2.
+Decoder (`CausalTokenMixing`, option A of the spec): the hidden is indexed by position (D_S = Ld) and both
+matrices are lower-triangular, h_j = GELU(sum_{s<=j} W1[j,s] u_s + b1_j), y_t = sum_{j<=t} W2[t,j] h_j + b2_t,
+so it is causal by construction and a prefix of length l uses W[:l, :l]; incremental decoding caches the
+inputs and the hidden of every position.
+
+Both index their weights by the position *within the packed example* (segment-relative), and padding is
+zeroed before mixing. Packed examples never mix:
+  - decoder: the [B, L, L] matrices W[pos_t, pos_s] are gathered per row and masked by "same segment,
+    s <= t", so packing costs nothing extra (the einsums are those of an unpacked row);
+  - encoder: the hidden is not position-indexed, so each packed example needs its own hidden. The row is
+    unpacked into segment slots [B, n, L, d] (example g's tokens at positions 0.. of slot g), mixed there,
+    and gathered back. The slot count n is chosen at run time among 1, 2, 4, ..., max_segments (a
+    `lax.switch`), as the smallest that holds the batch's most-packed row: unpacked batches (evaluation,
+    fine-tuning, decoding) cost exactly one mixer, packed ones n mixers. Tokens of examples beyond
+    max_segments in a row are not mixed (their output is zero); the fraction of such tokens is sown into
+    the `metrics` collection as `segment_overflow`.
+
+Lengths: a sequence longer than the configured length is an error (`MixerLengthError`, a ValueError naming
+the macro to set). A shorter one is accepted and treated as padded to the configured length: padding
+is zero before mixing, so using the first L columns of W1 (rows of W2) is exactly the padded computation.
+"""
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from scaling_arch import errors
+from scaling_arch.layers.attention import AttentionInputs
+
+
+class MixerLengthError(errors.ConfigError, ValueError):
+  """The sequence is longer than the Mixer's fixed token-mixing length."""
+
+
+def _check_length(module: str, length: int, max_length: int, macro: str, allow_shorter: bool):
+  if length > max_length or (length < max_length and not allow_shorter):
+    raise MixerLengthError(
+        f"{module}: the token-mixing weights were built for length {max_length} (gin macro %{macro}) but "
+        f"the sequence has length {length}. Pad or truncate the data to {max_length}, or set "
+        f"{macro} = {length} (this changes the weights' shapes, so a checkpoint of another length will "
+        "not load).")
+
+
+def segment_layout(segment_ids):
+  """Slot (index of the packed example within its row, -1 at padding) and segment-relative position."""
+  length = segment_ids.shape[-1]
+  idx = jnp.arange(length, dtype=jnp.int32)
+  nonpad = segment_ids > 0
+  prev = jnp.concatenate([jnp.zeros_like(segment_ids[:, :1]), segment_ids[:, :-1]], axis=1)
+  starts = nonpad & ((idx == 0) | (segment_ids != prev))
+  slot = jnp.where(nonpad, jnp.cumsum(starts, axis=1) - 1, -1)
+  start_index = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+  position = jnp.where(nonpad, idx - start_index, 0)
+  return slot.astype(jnp.int32), position.astype(jnp.int32)
+
+
+# LeCun normal (truncated, std fan_in^-1/2) for [out, in] matrices: W1 [D_S, Le] and W2 [Le, D_S].
+_LECUN_OUT_IN = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=-1, out_axis=-2)
+
+
+def _mix_slots(num_slots: int, x, slot, position, w1, b1, w2, b2, dtype):
+  """Token-mixing MLP applied separately to each packed example of each row, via `num_slots` slots."""
+  length = x.shape[1]
+  p = jnp.arange(length, dtype=jnp.int32)
+  g = jnp.arange(num_slots, dtype=jnp.int32)
+  in_slot = slot[:, None, :] == g[None, :, None]                          # [B, n, L]
+  slot_length = jnp.sum(in_slot, axis=-1)                                 # [B, n]
+  slot_start = jnp.argmax(in_slot, axis=-1).astype(jnp.int32)             # [B, n] (0 if empty)
+  source = jnp.clip(slot_start[..., None] + p, 0, length - 1)             # [B, n, L]
+  valid = p[None, None, :] < slot_length[..., None]
+  unpacked = jax.vmap(lambda xb, ib: xb[ib])(x, source)                   # [B, n, L, d]
+  unpacked = unpacked * valid[..., None].astype(dtype)
+  h = jnp.einsum("jp,bgpc->bgjc", w1.astype(dtype), unpacked) + b1.astype(dtype)[:, None]
+  h = jax.nn.gelu(h, approximate=True)
+  y = jnp.einsum("pj,bgjc->bgpc", w2.astype(dtype), h) + b2.astype(dtype)[:, None]   # [B, n, L, d]
+  y = y.reshape(y.shape[0], num_slots * length, y.shape[-1])
+  flat = jnp.clip(slot, 0, num_slots - 1) * length + position
+  out = jax.vmap(lambda yb, ib: yb[ib])(y, flat)                           # [B, L, d]
+  keep = (slot >= 0) & (slot < num_slots)
+  return out * keep[..., None].astype(dtype)
+
+
+@gin.configurable(module="architectures")
+class TokenMixing(nn.Module):
+  """The encoder's token-mixing MLP over a fixed length (replaces bidirectional self-attention).
+
+  Same call signature as MultiHeadAttention; inputs_kv is ignored. Parameters: W1 [D_S, Le] (`w1`),
+  b1 [D_S], W2 [Le, D_S] (`w2`), b2 [Le]; LeCun-normal (truncated, std fan_in^-1/2) and zero biases.
+  """
+  max_length: int                      # Le: %INPUT_LENGTH
+  hidden_dim: Optional[int] = None     # D_S; None: d // 2 (the Mixer's ratio)
+  max_segments: int = 8                # packed examples per row that are mixed separately
+  length_macro: str = "INPUT_LENGTH"   # named in the length error
+  allow_shorter: bool = True           # a shorter sequence is taken as padded to max_length
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, inputs_q, inputs_kv, attention_inputs: AttentionInputs, *, deterministic: bool,
+               decode: bool = False):
+    del inputs_kv, deterministic, decode
+    batch, length, d = inputs_q.shape
+    _check_length(type(self).__name__, length, self.max_length, self.length_macro, self.allow_shorter)
+    hidden = self.hidden_dim or d // 2
+    w1 = self.param("w1", nn.with_logical_partitioning(_LECUN_OUT_IN, ("mlp", "length")),
+                    (hidden, self.max_length), jnp.float32)
+    b1 = self.param("b1", nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)), (hidden,),
+                    jnp.float32)
+    w2 = self.param("w2", nn.with_logical_partitioning(_LECUN_OUT_IN, ("length", "mlp")),
+                    (self.max_length, hidden), jnp.float32)
+    b2 = self.param("b2", nn.with_logical_partitioning(nn.initializers.zeros, ("length",)),
+                    (self.max_length,), jnp.float32)
+    w1, w2, b2 = w1[:, :length], w2[:length], b2[:length]
+
+    segment_ids = attention_inputs.q_segment_ids
+    x = inputs_q * (segment_ids > 0)[..., None].astype(self.dtype)
+    slot, position = segment_layout(segment_ids)
+
+    # Slot counts 1, 2, 4, ..., max_segments: the smallest holding the most-packed row of the batch.
+    counts = sorted({min(2 ** i, self.max_segments)
+                     for i in range(int(np.ceil(np.log2(max(self.max_segments, 1)))) + 1)})
+    needed = jnp.max(slot) + 1
+    branch = jnp.minimum(jnp.searchsorted(jnp.asarray(counts), needed), len(counts) - 1)
+    branches = [lambda *a, n=n: _mix_slots(n, *a, dtype=self.dtype) for n in counts]
+    y = jax.lax.switch(branch, branches, x, slot, position, w1, b1, w2, b2)
+
+    nonpad = jnp.maximum(jnp.sum(slot >= 0), 1)
+    self.sow("metrics", "segment_overflow", jnp.sum(slot >= self.max_segments) / nonpad)
+    return nn.with_logical_constraint(y, ("batch", "length", "embed"))
+
+
+def _lower_triangular_init(key, shape, dtype=jnp.float32):
+  """Truncated normal with std (row + 1)^-1/2 on and below the diagonal (LeCun-normal on the row's
+  effective fan-in), zero above it (those entries are masked and never used)."""
+  rows = jnp.arange(shape[0])[:, None]
+  # The same correction as flax's truncated_normal variance scaling (std of N(0,1) cut at +-2).
+  std = 1.0 / (0.87962566103423978 * jnp.sqrt(rows + 1.0))
+  w = jax.random.truncated_normal(key, -2.0, 2.0, shape, dtype) * std
+  return jnp.where(jnp.arange(shape[1])[None, :] <= rows, w, 0.0).astype(dtype)
+
+
+@gin.configurable(module="architectures")
+class CausalTokenMixing(nn.Module):
+  """The decoder's causal token-mixing MLP (spec option A): position-indexed hidden, lower-triangular
+  W1 [Ld, Ld] (`w1`: hidden position x input position) and W2 [Ld, Ld] (`w2`: output x hidden), biases
+  b1, b2 [Ld]. With decode=True it caches the inputs and hidden of every position."""
+  max_length: int                      # Ld: %TARGET_LENGTH
+  length_macro: str = "TARGET_LENGTH"
+  allow_shorter: bool = True           # prefixes are exact: W[:l, :l]
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, inputs_q, inputs_kv, attention_inputs: AttentionInputs, *, deterministic: bool,
+               decode: bool = False):
+    del inputs_kv, deterministic
+    batch, length, d = inputs_q.shape
+    n = self.max_length
+    w1 = self.param("w1", nn.with_logical_partitioning(_lower_triangular_init, ("unmodeled", "length")),
+                    (n, n), jnp.float32)
+    b1 = self.param("b1", nn.with_logical_partitioning(nn.initializers.zeros, ("unmodeled",)), (n,),
+                    jnp.float32)
+    w2 = self.param("w2", nn.with_logical_partitioning(_lower_triangular_init, ("length", "unmodeled")),
+                    (n, n), jnp.float32)
+    b2 = self.param("b2", nn.with_logical_partitioning(nn.initializers.zeros, ("length",)), (n,),
+                    jnp.float32)
+    dtype = self.dtype
+
+    if decode and self.has_variable("cache", "cache_index"):
+      return self._step(inputs_q, w1, b1, w2, b2)
+    _check_length(type(self).__name__, length, n, self.length_macro, self.allow_shorter)
+    if decode:  # the first decode call (full length) creates the caches
+      self.variable("cache", "inputs", jnp.zeros, (batch, length, d), dtype)
+      self.variable("cache", "hidden", jnp.zeros, (batch, length, d), dtype)
+      self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+
+    segment_ids = attention_inputs.q_segment_ids
+    x = inputs_q * (segment_ids > 0)[..., None].astype(dtype)
+    _, position = segment_layout(segment_ids)
+    idx = jnp.arange(length)
+    visible = ((segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, :, None] > 0) &
+               (idx[:, None] >= idx[None, :]))                                    # [B, L, L]
+    pair = (position[:, :, None], position[:, None, :])
+    m1 = jnp.where(visible, w1[pair], 0.0).astype(dtype)
+    m2 = jnp.where(visible, w2[pair], 0.0).astype(dtype)
+    h = jax.nn.gelu(jnp.einsum("bjs,bsc->bjc", m1, x) + b1[position].astype(dtype)[..., None],
+                    approximate=True)
+    y = jnp.einsum("btj,bjc->btc", m2, h) + b2[position].astype(dtype)[..., None]
+    return nn.with_logical_constraint(y, ("batch", "length", "embed"))
+
+  def _step(self, x, w1, b1, w2, b2):
+    dtype = self.dtype
+    inputs = self.variable("cache", "inputs", jnp.zeros, x.shape, dtype)
+    hidden = self.variable("cache", "hidden", jnp.zeros, x.shape, dtype)
+    index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+    cache_length = inputs.value.shape[1]
+    if cache_length > self.max_length:
+      _check_length(type(self).__name__, cache_length, self.max_length, self.length_macro, False)
+    step = x.shape[1]
+    i = index.value
+    rows = i + jnp.arange(step)
+    cols = jnp.arange(cache_length)
+    causal = (cols[None, :] <= rows[:, None]).astype(dtype)                        # [s, Lc]
+    inputs.value = jax.lax.dynamic_update_slice(inputs.value, x.astype(dtype), (0, i, 0))
+    m1 = jnp.take(w1[:, :cache_length], rows, axis=0).astype(dtype) * causal
+    h = jax.nn.gelu(jnp.einsum("js,bsc->bjc", m1, inputs.value) + jnp.take(b1, rows).astype(dtype)[:, None],
+                    approximate=True)
+    hidden.value = jax.lax.dynamic_update_slice(hidden.value, h, (0, i, 0))
+    m2 = jnp.take(w2[:, :cache_length], rows, axis=0).astype(dtype) * causal
+    index.value = i + step
+    return jnp.einsum("tj,bjc->btc", m2, hidden.value) + jnp.take(b2, rows).astype(dtype)[:, None]

@@ -1,0 +1,174 @@
+"""Token mixers that replace self-attention: lightweight / dynamic convolutions
+(scaling_arch/architectures/convolutions.py) and the MLP-Mixer token-mixing MLPs
+(scaling_arch/architectures/mixer.py). Module-level checks; the model contract is architectures_test.py."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from scaling_arch.architectures import convolutions, mixer
+from scaling_arch.layers import attention
+
+D, HEADS = 8, 2
+
+
+def naive_conv(u, weights, seg, offsets, heads):
+  """Per position and tap, in numpy: reads only inside the row, the same segment, never padding."""
+  u, w, seg = np.asarray(u), np.asarray(weights), np.asarray(seg)
+  b, length, d = u.shape
+  out = np.zeros_like(u)
+  for bi in range(b):
+    for t in range(length):
+      for i, r in enumerate(offsets):
+        s = t + r
+        if 0 <= s < length and seg[bi, s] == seg[bi, t] and seg[bi, t] > 0:
+          wt = w[bi if w.shape[0] > 1 else 0, t if w.shape[1] > 1 else 0, :, i]
+          out[bi, t] += np.repeat(wt, d // heads) * u[bi, s]
+  return out
+
+
+def test_tap_offsets():
+  assert convolutions.tap_offsets(9, causal=False) == tuple(range(-4, 5))
+  assert convolutions.tap_offsets(9, causal=True) == tuple(range(-8, 1))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_depthwise_conv_is_segment_aware(causal, dynamic):
+  rng = np.random.RandomState(0)
+  seg = jnp.asarray([[1, 1, 1, 2, 2, 2, 2, 3, 0, 0, 0, 0], [1] * 12], jnp.int32)
+  u = jnp.asarray(rng.randn(2, 12, D), jnp.float32) * (seg > 0)[..., None]
+  offsets = convolutions.tap_offsets(5, causal)
+  shape = (2, 12, HEADS, 5) if dynamic else (1, 1, HEADS, 5)
+  weights = jax.nn.softmax(jnp.asarray(rng.randn(*shape), jnp.float32), -1)
+  got = convolutions.depthwise_conv(u, weights, seg, offsets, HEADS)
+  np.testing.assert_allclose(got, naive_conv(u, weights, seg, offsets, HEADS), atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", [convolutions.LightweightConvolution, convolutions.DynamicConvolution])
+def test_conv_block_params_and_decoding(cls):
+  module = cls(num_heads=HEADS, kernel_size=9)
+  x = jnp.asarray(np.random.RandomState(1).randn(2, 12, D), jnp.float32)
+  inputs = attention.self_attention_inputs(jnp.ones((2, 12), jnp.int32), causal=True)
+  params = module.init(jax.random.key(0), x, x, inputs, deterministic=True)["params"]
+  shapes = jax.tree.map(lambda p: p.shape, nn_unbox(params))
+  if cls is convolutions.LightweightConvolution:
+    assert shapes["kernel"] == (HEADS, 9)  # one kernel per head, shared by its channels
+  else:
+    assert shapes["kernel_predictor"]["kernel"] == (D, HEADS * 9)
+  assert shapes["glu_0"] == {"kernel": (D, D), "bias": (D,)}
+  full = module.apply({"params": params}, x, x, inputs, deterministic=True)
+  # Causal: changing the future does not change the past.
+  changed = module.apply({"params": params}, x.at[:, 7:].add(1.0), x, inputs, deterministic=True)
+  np.testing.assert_allclose(changed[:, :7], full[:, :7], atol=1e-6)
+  # Incremental decoding with the last k - 1 inputs cached.
+  _, state = module.apply({"params": params}, x, x, inputs, deterministic=True, decode=True,
+                          mutable=["cache"])
+  assert state["cache"]["conv_inputs"].shape == (2, 8, D)
+  cache = state["cache"]
+  step_inputs = attention.self_attention_inputs(jnp.ones((2, 1), jnp.int32), causal=True)
+  for t in range(12):
+    out, state = module.apply({"params": params, "cache": cache}, x[:, t:t + 1], x[:, t:t + 1],
+                              step_inputs, deterministic=True, decode=True, mutable=["cache"])
+    cache = state["cache"]
+    np.testing.assert_allclose(out[:, 0], full[:, t], atol=1e-5, err_msg=f"position {t}")
+
+
+def nn_unbox(tree):
+  import flax.linen as nn
+  return nn.unbox(tree)
+
+
+def init_mixer(module, x, seg, causal=False):
+  inputs = attention.self_attention_inputs(seg, causal=causal)
+  return module.init(jax.random.key(0), x, x, inputs, deterministic=True)["params"], inputs
+
+
+def test_mixer_length_errors_name_the_macro():
+  module = mixer.TokenMixing(max_length=8)
+  x = jnp.ones((1, 9, D))
+  with pytest.raises(ValueError, match=r"length 8 \(gin macro %INPUT_LENGTH\).*length 9"):
+    init_mixer(module, x, jnp.ones((1, 9), jnp.int32))
+  strict = mixer.TokenMixing(max_length=8, allow_shorter=False)
+  with pytest.raises(ValueError, match="INPUT_LENGTH"):
+    init_mixer(strict, jnp.ones((1, 6, D)), jnp.ones((1, 6), jnp.int32))
+  with pytest.raises(ValueError, match="TARGET_LENGTH"):
+    init_mixer(mixer.CausalTokenMixing(max_length=4), jnp.ones((1, 6, D)), jnp.ones((1, 6), jnp.int32),
+               causal=True)
+
+
+def unpacked_mixer(params, x, length):
+  """The plain Mixer token MLP on one example placed at the start of a zero row."""
+  w1, b1, w2, b2 = (np.asarray(nn_unbox(params)[k]) for k in ("w1", "b1", "w2", "b2"))
+  h = np.asarray(jax.nn.gelu(jnp.einsum("jp,pc->jc", w1, x) + b1[:, None], approximate=True))
+  return (np.einsum("pj,jc->pc", w2, h) + b2[:, None])[:length]
+
+
+def test_encoder_mixer_mixes_each_packed_example_separately_and_ignores_padding():
+  rng = np.random.RandomState(2)
+  module = mixer.TokenMixing(max_length=12, max_segments=4)
+  seg = jnp.asarray([[1, 1, 1, 2, 2, 2, 2, 2, 3, 0, 0, 0], [1] * 9 + [0] * 3], jnp.int32)
+  x = jnp.asarray(rng.randn(2, 12, D), jnp.float32)
+  params, inputs = init_mixer(module, x, seg)
+  out, state = module.apply({"params": params}, x, x, inputs, deterministic=True, mutable=["metrics"])
+  assert float(state["metrics"]["segment_overflow"][0]) == 0.0
+  for b, spans in ((0, [(0, 3), (3, 8), (8, 9)]), (1, [(0, 9)])):
+    for start, end in spans:
+      alone = np.zeros((12, D), np.float32)
+      alone[:end - start] = x[b, start:end]
+      np.testing.assert_allclose(out[b, start:end], unpacked_mixer(params, alone, end - start),
+                                 rtol=1e-5, atol=1e-5)
+  garbage = x.at[:, 9:].set(100.0)
+  np.testing.assert_allclose(module.apply({"params": params}, garbage, garbage, inputs,
+                                          deterministic=True)[:, :9], out[:, :9], atol=1e-6)
+  # A shorter input is the same as padding it to the configured length.
+  short = module.apply({"params": params}, x[:, :9], x[:, :9],
+                       attention.self_attention_inputs(seg[:, :9], causal=False), deterministic=True)
+  np.testing.assert_allclose(short, out[:, :9], atol=1e-5)
+
+
+def test_encoder_mixer_overflow_is_reported():
+  module = mixer.TokenMixing(max_length=8, max_segments=2)
+  seg = jnp.asarray([[1, 1, 2, 2, 3, 3, 4, 0]], jnp.int32)
+  x = jnp.asarray(np.random.RandomState(3).randn(1, 8, D), jnp.float32)
+  params, inputs = init_mixer(module, x, seg)
+  out, state = module.apply({"params": params}, x, x, inputs, deterministic=True, mutable=["metrics"])
+  np.testing.assert_allclose(float(state["metrics"]["segment_overflow"][0]), 3 / 7, rtol=1e-6)
+  np.testing.assert_array_equal(out[0, 4:], 0.0)
+
+
+def test_causal_mixer_is_causal_packed_prefix_sliceable_and_decodes():
+  rng = np.random.RandomState(4)
+  module = mixer.CausalTokenMixing(max_length=10)
+  x = jnp.asarray(rng.randn(2, 10, D), jnp.float32)
+  ones = jnp.ones((2, 10), jnp.int32)
+  params, inputs = init_mixer(module, x, ones, causal=True)
+  w1 = np.asarray(nn_unbox(params)["w1"])
+  assert np.all(np.triu(w1, 1) == 0) and np.all(np.diag(w1) != 0)
+  full = module.apply({"params": params}, x, x, inputs, deterministic=True)
+  changed = module.apply({"params": params}, x.at[:, 6:].add(1.0), x, inputs, deterministic=True)
+  np.testing.assert_allclose(changed[:, :6], full[:, :6], atol=1e-6)
+  assert float(jnp.abs(changed[:, 6:] - full[:, 6:]).max()) > 1e-3
+  # A prefix is computed with W[:l, :l]: same outputs.
+  prefix = module.apply({"params": params}, x[:, :4], x[:, :4],
+                        attention.self_attention_inputs(ones[:, :4], causal=True), deterministic=True)
+  np.testing.assert_allclose(prefix, full[:, :4], atol=1e-5)
+  # Packed: the second example (positions 4..9) behaves as if alone at positions 0..5.
+  seg = jnp.asarray([[1] * 4 + [2] * 6] * 2, jnp.int32)
+  packed = module.apply({"params": params}, x, x, attention.self_attention_inputs(seg, causal=True),
+                        deterministic=True)
+  alone = module.apply({"params": params}, x[:, 4:], x[:, 4:],
+                       attention.self_attention_inputs(ones[:, :6], causal=True), deterministic=True)
+  np.testing.assert_allclose(packed[:, 4:], alone, atol=1e-5)
+  np.testing.assert_allclose(packed[:, :4], full[:, :4], atol=1e-5)
+  # Incremental decoding (cache of inputs and hidden) equals the full computation.
+  _, state = module.apply({"params": params}, x, x, inputs, deterministic=True, decode=True,
+                          mutable=["cache"])
+  cache = state["cache"]
+  step_inputs = attention.self_attention_inputs(jnp.ones((2, 1), jnp.int32), causal=True)
+  for t in range(10):
+    out, state = module.apply({"params": params, "cache": cache}, x[:, t:t + 1], x[:, t:t + 1],
+                              step_inputs, deterministic=True, decode=True, mutable=["cache"])
+    cache = state["cache"]
+    np.testing.assert_allclose(out[:, 0], full[:, t], atol=1e-5, err_msg=f"position {t}")
