@@ -35,6 +35,8 @@ BASE_PARAMS = {
     "lightweight_conv": (224e6, 0.03),
     # Analytic: heads share the predicted kernels (decision 9), d_ff kept (see its gin header).
     "dynamic_conv": (224_985_600, 0.0),
+    # Analytic: vanilla - relative bias + two 2048-row position tables (see its gin header).
+    "performer": (226_048_512, 0.0),
     # Analytic at this test's lengths 16 / 8 (the token-mixing weights scale with them; 171,323,664 at
     # the study's 512 / 114, see its gin header).
     "mixer": (166_433_664, 0.0),

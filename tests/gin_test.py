@@ -89,7 +89,9 @@ def test_model_gin_initializes_and_trains_a_step_on_a_4x4_mesh(path):
   loss = float(metrics["loss"])
   assert np.isfinite(loss) and abs(loss - np.log(512)) < 5.0, loss  # N(0,1) tied embeddings start high
   assert int(state.step) == 1
-  # The same loss computed on one device, unsharded.
+  # The same loss computed on one device, unsharded, with the step's RNG (dropout is 0, but training draws
+  # other randomness: the Performer's random features, the Switch router's jitter).
   one_device = jax.device_put(params, jax.devices()[0])
-  single, _ = jax.jit(lambda p, b: tr.model.loss_fn(p, b, None, enable_dropout=False))(one_device, batch)
+  step_rng = jax.random.fold_in(tr.rng, 0)
+  single, _ = jax.jit(lambda p, b: tr.model.loss_fn(p, b, step_rng, enable_dropout=True))(one_device, batch)
   assert abs(float(single) - loss) < 1e-4, (float(single), loss)

@@ -71,6 +71,15 @@ def dot_product_attention(q, k, v, bias, *, dropout_rate: float, deterministic: 
   return jnp.einsum("bhqk,bkhd->bqhd", weights, v.astype(dtype))
 
 
+def head_projection(x, num_heads: int, head_dim: int, *, std: float, dtype, name: str):
+  """[..., d] -> [..., heads, kv]: one of an attention's query / key / value projections (a Dense with a
+  N(0, std) kernel on the `joined_kv` axis), made inside the calling module's compact method."""
+  y = Dense(num_heads * head_dim, kernel_axes=("embed", "joined_kv"), kernel_init=initializers.normal_std(std),
+            dtype=dtype, name=name)(x)
+  y = y.reshape(y.shape[:-1] + (num_heads, head_dim))
+  return nn.with_logical_constraint(y, ("batch", "length", "heads", "kv"))
+
+
 @gin.configurable(module="layers")
 class MultiHeadAttention(nn.Module):
   """Multi-head softmax attention over [B, L, d] inputs with T5 v1.0 initialization.
@@ -94,10 +103,7 @@ class MultiHeadAttention(nn.Module):
     hd = self.num_heads * self.head_dim
 
     def proj(name, std, x):
-      y = Dense(hd, kernel_axes=("embed", "joined_kv"), kernel_init=initializers.normal_std(std),
-                dtype=self.dtype, name=name)(x)
-      y = y.reshape(y.shape[:-1] + (self.num_heads, self.head_dim))
-      return nn.with_logical_constraint(y, ("batch", "length", "heads", "kv"))
+      return head_projection(x, self.num_heads, self.head_dim, std=std, dtype=self.dtype, name=name)
 
     q = proj("query", (d * self.head_dim) ** -0.5, inputs_q)
     k = proj("key", d ** -0.5, inputs_kv)
