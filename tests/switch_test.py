@@ -12,7 +12,7 @@ from scaling_arch import gin_utils, models, optimizers, partitioning, trainer
 from scaling_arch.architectures import switch
 from scaling_arch.layers import attention as attention_lib
 from scaling_arch.layers.attention import MultiHeadAttention
-from scaling_arch.layers.transformer import LayerInputs
+from scaling_arch.layers.transformer import EncoderLayer, LayerInputs
 
 # A tiny geometry with MoE layers in both stacks: 4 layers, an MoE layer every 2nd (a scan over 2 blocks).
 MOE_TINY = harness.TINY[:] + ["NUM_ENCODER_LAYERS = 4", "NUM_DECODER_LAYERS = 4", "EXPERT_EVERY = 2",
@@ -92,7 +92,7 @@ def test_small_capacity_drops_tokens_and_dropped_tokens_pass_the_residual_unchan
   assert np.all(np.abs(y[~dropped]).sum(-1) > 0.0)
 
   # In a whole MoE layer, the feed-forward sublayer then leaves a dropped token's residual stream as it was.
-  layer = switch.SwitchEncoderLayer(
+  layer = EncoderLayer(
       feed_forward_factory=lambda **kw: switch.SwitchFeedForward(
           intermediate_dim=16, num_experts=4, capacity_factor_train=0.25, min_expert_capacity=1,
           jitter=0.0, group_size=32, **kw),

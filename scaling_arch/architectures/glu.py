@@ -28,7 +28,8 @@ class GluMlpBlock(MlpBlock):
   width_multiple: int = 64
 
   @nn.compact
-  def __call__(self, x, *, deterministic: bool):
+  def __call__(self, x, *, deterministic: bool, segment_ids=None):
+    del segment_ids  # position-wise
     unknown = [a for a in self.activations if a not in ACTIVATIONS]
     if unknown:
       raise ValueError(f"Unknown activation(s) {unknown}; known: {sorted(ACTIVATIONS)}")

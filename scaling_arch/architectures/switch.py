@@ -12,8 +12,9 @@ Pieces:
   it through unchanged. The load-balancing loss (and the optional router z-loss) are sown into the
   `aux_loss` collection (EncoderDecoderModel adds them to the loss); the load-balancing loss, router
   z-loss, fraction of tokens dropped and expert imbalance are sown into `metrics`.
-- `SwitchEncoderLayer` / `SwitchDecoderLayer`: the skeleton's layers whose feed-forward also receives
-  the segment ids, so padding is never routed (and never takes capacity).
+- MoE layers are the skeleton's `layers.EncoderLayer` / `layers.DecoderLayer` with this feed-forward (gin
+  scope `moe`); the skeleton passes every feed-forward the segment ids, so padding is never routed (and
+  never takes capacity).
 - `SwitchEncoder` / `SwitchDecoder`: stacks that scan over blocks of `expert_every` layers
   (`expert_every - 1` dense layers and one MoE layer), so compile time does not grow with depth. Layer i
   (1-based) is an MoE layer iff i % expert_every == 0: a 12-layer stack with expert_every = 4 has MoE
@@ -30,6 +31,7 @@ with which a full pass may drop a token that incremental decoding would not.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable
 
@@ -43,7 +45,7 @@ from scaling_arch.layers import initializers
 from scaling_arch.layers.dense import Dense
 from scaling_arch.layers.mlp import ACTIVATIONS
 from scaling_arch.layers.transformer import (Decoder, DecoderLayer, Encoder, EncoderLayer, LayerInputs,
-                                             apply_layer_stack, residual_dropout)
+                                             apply_layer_stack)
 
 Factory = Callable[..., nn.Module]
 UNCONSTRAINED = PartitionSpec.UNCONSTRAINED
@@ -224,44 +226,6 @@ class SwitchFeedForward(nn.Module):
 
 
 # -- layers ---------------------------------------------------------------------------------------------
-@gin.configurable(module="architectures")
-class SwitchEncoderLayer(EncoderLayer):
-  """The skeleton's encoder layer whose feed-forward (SwitchFeedForward) also gets the segment ids."""
-
-  @nn.compact
-  def __call__(self, x, inputs: LayerInputs, deterministic: bool, decode: bool = False):
-    h = self.norm_factory(dtype=self.dtype, name="pre_attention_norm")(x)
-    h = self.self_attention_factory(dtype=self.dtype, name="attention")(
-        h, h, inputs.self_attention, deterministic=deterministic, decode=False)
-    x = x + residual_dropout(self.dropout_rate)(h, deterministic=deterministic)
-    h = self.norm_factory(dtype=self.dtype, name="pre_mlp_norm")(x)
-    h = self.feed_forward_factory(dtype=self.dtype, name="mlp")(
-        h, inputs.self_attention.q_segment_ids, deterministic=deterministic)
-    x = x + residual_dropout(self.dropout_rate)(h, deterministic=deterministic)
-    return nn.with_logical_constraint(x, ("batch", "length", "embed")), None
-
-
-@gin.configurable(module="architectures")
-class SwitchDecoderLayer(DecoderLayer):
-  """The skeleton's decoder layer whose feed-forward (SwitchFeedForward) also gets the segment ids."""
-
-  @nn.compact
-  def __call__(self, x, inputs: LayerInputs, deterministic: bool, decode: bool = False):
-    h = self.norm_factory(dtype=self.dtype, name="pre_self_attention_norm")(x)
-    h = self.self_attention_factory(dtype=self.dtype, name="self_attention")(
-        h, h, inputs.self_attention, deterministic=deterministic, decode=decode)
-    x = x + residual_dropout(self.dropout_rate)(h, deterministic=deterministic)
-    h = self.norm_factory(dtype=self.dtype, name="pre_cross_attention_norm")(x)
-    h = self.cross_attention_factory(dtype=self.dtype, is_cross_attention=True, name="cross_attention")(
-        h, inputs.encoded, inputs.cross_attention, deterministic=deterministic, decode=decode)
-    x = x + residual_dropout(self.dropout_rate)(h, deterministic=deterministic)
-    h = self.norm_factory(dtype=self.dtype, name="pre_mlp_norm")(x)
-    h = self.feed_forward_factory(dtype=self.dtype, name="mlp")(
-        h, inputs.self_attention.q_segment_ids, deterministic=deterministic)
-    x = x + residual_dropout(self.dropout_rate)(h, deterministic=deterministic)
-    return nn.with_logical_constraint(x, ("batch", "length", "embed")), None
-
-
 class SwitchBlock(nn.Module):
   """`num_dense` dense layers then one MoE layer: the unit the Switch stacks scan over."""
   dense_layer_factory: Factory
@@ -316,7 +280,7 @@ class SwitchEncoder(Encoder):
   `layer_factory` builds the dense layers. Everything else (relative position bias, dropout, final
   norm) is the skeleton's.
   """
-  moe_layer_factory: Factory = SwitchEncoderLayer
+  moe_layer_factory: Factory = functools.partial(EncoderLayer, feed_forward_factory=SwitchFeedForward)
   expert_every: int = 4
 
   def apply_layers(self, x, inputs: LayerInputs, *, deterministic: bool, decode: bool):
@@ -327,7 +291,7 @@ class SwitchEncoder(Encoder):
 class SwitchDecoder(Decoder):
   """The skeleton's decoder (incremental decoding included) with an MoE layer at every
   `expert_every`-th layer."""
-  moe_layer_factory: Factory = SwitchDecoderLayer
+  moe_layer_factory: Factory = functools.partial(DecoderLayer, feed_forward_factory=SwitchFeedForward)
   expert_every: int = 4
 
   def apply_layers(self, x, inputs: LayerInputs, *, deterministic: bool, decode: bool):

@@ -32,7 +32,8 @@ class MlpBlock(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, deterministic: bool):
+  def __call__(self, x, *, deterministic: bool, segment_ids=None):
+    del segment_ids  # position-wise: packing does not matter (a mixture of experts' router uses them)
     unknown = [a for a in self.activations if a not in ACTIVATIONS]
     if unknown:
       raise ValueError(f"Unknown activation(s) {unknown}; known: {sorted(ACTIVATIONS)}")

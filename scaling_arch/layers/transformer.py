@@ -120,7 +120,8 @@ class EncoderLayer(nn.Module):
         h, h, inputs.self_attention, deterministic=deterministic, decode=False)
     x = x + residual_dropout(self.dropout_rate)(h, deterministic=deterministic)
     h = self.norm_factory(dtype=self.dtype, name="pre_mlp_norm")(x)
-    h = self.feed_forward_factory(dtype=self.dtype, name="mlp")(h, deterministic=deterministic)
+    h = self.feed_forward_factory(dtype=self.dtype, name="mlp")(
+        h, segment_ids=inputs.self_attention.q_segment_ids, deterministic=deterministic)
     x = x + residual_dropout(self.dropout_rate)(h, deterministic=deterministic)
     return nn.with_logical_constraint(x, ("batch", "length", "embed")), None
 
@@ -146,7 +147,8 @@ class DecoderLayer(nn.Module):
         h, inputs.encoded, inputs.cross_attention, deterministic=deterministic, decode=decode)
     x = x + residual_dropout(self.dropout_rate)(h, deterministic=deterministic)
     h = self.norm_factory(dtype=self.dtype, name="pre_mlp_norm")(x)
-    h = self.feed_forward_factory(dtype=self.dtype, name="mlp")(h, deterministic=deterministic)
+    h = self.feed_forward_factory(dtype=self.dtype, name="mlp")(
+        h, segment_ids=inputs.self_attention.q_segment_ids, deterministic=deterministic)
     x = x + residual_dropout(self.dropout_rate)(h, deterministic=deterministic)
     return nn.with_logical_constraint(x, ("batch", "length", "embed")), None
 
