@@ -1,10 +1,11 @@
 """Checkpoints (orbax) and the restore policy, said out loud.
 
 Policy, in order:
-1. MODEL_DIR has a checkpoint written by the same model configuration: resume from its latest step
-   (train state and input position).
+1. MODEL_DIR has a checkpoint written by the same model configuration and task (the signature): resume
+   from its latest step (train state and input position).
 2. Otherwise, if INITIAL_CHECKPOINT is given: initialize from it (parameters only by default, the
-   optimizer state too when asked), starting at step 0.
+   optimizer state too when asked), starting at step 0. Its run's signature.json must agree on the
+   architecture, vocabulary size and parameter shapes (`check_initial_checkpoint`), else a one-line error.
 3. Otherwise: from scratch.
 A MODEL_DIR whose checkpoint came from a different configuration is refused (nothing is written).
 
@@ -163,6 +164,36 @@ class Checkpointer:
           tf.io.gfile.rmtree(os.path.join(root, name))
 
 
+# What must agree for a checkpoint's parameters to initialize a model (dropout, activation dtype, remat
+# and the task may differ: fine-tuning changes them).
+PARAMETER_SIGNATURE_KEYS = ("architecture", "vocab_size", "param_shapes")
+
+
+def check_initial_checkpoint(checkpoint_path: str, signature: dict, what: str = "INITIAL_CHECKPOINT") -> None:
+  """Raises a one-line error unless `checkpoint_path` (a step directory, MODEL_DIR/checkpoints/<step>)
+  holds parameters this model can load: the same architecture, vocabulary size and parameter shapes,
+  according to the signature.json its run wrote (a checkpoint without one is checked at restore)."""
+  step_dir = checkpoint_path.rstrip("/")
+  if not tf.io.gfile.exists(os.path.join(step_dir, "state")):
+    raise errors.UserError(
+        f"{what} {checkpoint_path} is not a checkpoint of this codebase (no 'state' item); give a step "
+        "directory such as MODEL_DIR/checkpoints/1000.")
+  path = os.path.join(os.path.dirname(step_dir), SIGNATURE_FILE)
+  if not tf.io.gfile.exists(path):
+    logging.warning("%s has no %s next to it; its parameters are checked when restored.", checkpoint_path,
+                    SIGNATURE_FILE)
+    return
+  with tf.io.gfile.GFile(path) as f:
+    saved = json.load(f)
+  saved = {k: saved.get(k) for k in PARAMETER_SIGNATURE_KEYS}
+  current = {k: signature.get(k) for k in PARAMETER_SIGNATURE_KEYS}
+  if saved != current:
+    raise errors.CheckpointMismatchError(
+        f"{what} {checkpoint_path} was written by a different model ({describe_difference(saved, current)}); "
+        "its parameters cannot initialize this one. Use the architecture and size (gin/models, gin/sizes, "
+        "depth/width overrides) and the vocabulary it was trained with.")
+
+
 def restore_params(checkpoint_path: str, abstract_params) -> Any:
   """Parameters only, from a checkpoint step directory (`.../checkpoints/<step>`) written by this
   codebase, placed with the shardings of `abstract_params`."""
@@ -178,7 +209,8 @@ def restore_params(checkpoint_path: str, abstract_params) -> Any:
     restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
         item=target, restore_args=restore_args, partial_restore=True))
   except (ValueError, KeyError) as e:
+    first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
     raise errors.CheckpointMismatchError(
-        f"INITIAL_CHECKPOINT {checkpoint_path} does not hold parameters of this model's shapes "
-        f"(different architecture or size?): {e}") from None
+        f"Checkpoint {checkpoint_path} does not hold parameters of this model's shapes "
+        f"(different architecture or size?): {first_line}") from None
   return restored["params"]

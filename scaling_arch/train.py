@@ -34,6 +34,7 @@ from absl import app, flags, logging
 
 from scaling_arch import checkpoints as checkpoints_lib
 from scaling_arch import errors, gin_utils
+from scaling_arch import evaluate as evaluate_lib  # noqa: F401  (registers InferenceEvaluator, decoding)
 from scaling_arch import metrics as metrics_lib
 from scaling_arch import models as models_lib
 from scaling_arch import optimizers, partitioning  # noqa: F401  (registers configurables)
@@ -131,6 +132,9 @@ def train(*,
           checkpoint_config: Optional[checkpoints_lib.CheckpointConfig] = None,
           initial_checkpoint: Optional[str] = None,
           restore_optimizer_state: bool = False,
+          require_initial_checkpoint: bool = False,
+          inference_evaluator: Optional[Callable] = None,
+          infer_eval_every_steps: Optional[int] = None,
           stop_after_steps: Optional[int] = None,
           model_dir_override: Optional[str] = None) -> dict:
   """Pretrains (or continues) one run; returns its run record.
@@ -139,8 +143,12 @@ def train(*,
     model_dir: where checkpoints, metrics and run.json go (local path or gs://).
     architecture / size: names recorded in run.json (the gin files set them).
     module_factory: the architecture's encoder-decoder class; called with vocab_size.
-    task_name: 'offline_span_corruption' (no network) or 'c4_span_corruption' (TFDS c4/en).
+    task_name: 'offline_span_corruption' (no network) or 'c4_span_corruption' (TFDS c4/en); for
+      fine-tuning 'sa_glue_super_glue_squad' (TFDS) or 'sa_offline_completion' (tasks/finetuning.py).
     feature_lengths: {'inputs': 512, 'targets': 114} for the study.
+    require_initial_checkpoint: refuse to start from scratch (fine-tuning starts from a pretrained model).
+    inference_evaluator: for fine-tuning, a factory of the decoding evaluation (evaluate.InferenceEvaluator),
+      run every `infer_eval_every_steps` steps (if set) and at the end; None: none (pretraining).
     stop_after_steps: stop (with a checkpoint) after this many steps of this invocation: for tests of
       restarts and for splitting a long run into jobs.
   """
@@ -162,9 +170,19 @@ def train(*,
                                 num_microbatches=num_microbatches, seed=seed)
   signature = checkpoints_lib.model_signature(
       architecture, trainer.param_shapes,
-      {"vocab_size": vocab_size, "model_config": model_config_lines()})
+      {"vocab_size": vocab_size, "model_config": model_config_lines(), "task": task_name})
   checkpointer = checkpoints_lib.Checkpointer(model_dir, checkpoint_config, signature)
-  resume_step = checkpointer.check_compatible()
+  resume_step = checkpointer.check_compatible()  # MODEL_DIR's own run (same model and task) wins
+  if resume_step is None and initial_checkpoint:
+    checkpoints_lib.check_initial_checkpoint(initial_checkpoint, signature)
+  elif resume_step is None and require_initial_checkpoint:
+    raise errors.ConfigError("INITIAL_CHECKPOINT is not set: this run starts from a pretrained checkpoint (a "
+                             "step directory such as PRETRAIN_MODEL_DIR/checkpoints/524288); set "
+                             "--gin.INITIAL_CHECKPOINT, or train.require_initial_checkpoint=False.")
+  infer = None
+  if inference_evaluator is not None:
+    infer = inference_evaluator(trainer=trainer, task=task, vocabulary=vocabulary,
+                                feature_lengths=feature_lengths, model_dir=model_dir)
 
   def dataset(split, repeat, shuffle_split):
     return tasks.get_dataset(task, split=split, feature_lengths=feature_lengths, global_batch_size=batch_size,
@@ -306,6 +324,9 @@ def train(*,
         if eval_every_steps and step % eval_every_steps == 0 and step < train_steps:
           evaluate(step)
           timer.reset(step)
+        if infer and infer_eval_every_steps and step % infer_eval_every_steps == 0 and step < train_steps:
+          infer(step, state.params, logger)
+          timer.reset(step)
         if preemption.requested:
           save(step)
           checkpointer.wait()
@@ -322,6 +343,8 @@ def train(*,
       if last_good_checkpoint != step:
         save(step)
       final_eval = evaluate(step)
+      if infer:
+        infer(step, state.params, logger)
       checkpointer.wait()
   except errors.NonFiniteLossError:
     metrics_lib.update_run_record(model_dir, status="failed_nonfinite_loss")

@@ -3,7 +3,7 @@
 from tasks.data import get_dataset
 from tasks.offline_corpus import corpus_files
 from tasks.pretraining import c4_span_corruption_task
-from tasks.pretraining import get_task
+from tasks.finetuning import get_task  # pretraining and fine-tuning tasks by name
 from tasks.pretraining import offline_span_corruption_task
 from tasks.pretraining import span_corruption_targets_length
 from tasks.vocabularies import get_vocabulary
