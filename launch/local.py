@@ -1,0 +1,143 @@
+"""The local backend: each stage is a subprocess `python -m scaling_arch.train ...` on this machine.
+
+Subprocesses run in their own sessions (a Ctrl-C in the terminal reaches only the launcher, which passes
+SIGTERM on so they checkpoint) and, on Linux, get SIGTERM if the launcher dies, so a killed launcher
+leaves checkpoints rather than orphans. Output goes to the stage's log file.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from typing import Callable, Mapping, Optional, Sequence
+
+import gin
+
+from launch import records
+from launch.grid import Run, Stage
+from launch.scheduler import Backend, Job
+
+_PR_SET_PDEATHSIG = 1
+try:  # loaded here, not in the forked child
+  _LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platform.startswith("linux") else None
+except OSError:
+  _LIBC = None
+
+
+def _repo_root() -> str:
+  """The directory holding the `scaling_arch` package this launcher runs with."""
+  import scaling_arch
+  return os.path.dirname(os.path.dirname(os.path.abspath(scaling_arch.__file__)))
+
+
+def _die_with_parent(parent: int) -> Callable[[], None]:
+  def preexec():
+    if _LIBC is not None:
+      _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+      if os.getppid() != parent:  # the launcher died before prctl
+        os.kill(os.getpid(), signal.SIGTERM)
+  return preexec
+
+
+class LocalJob(Job):
+  """A training subprocess."""
+
+  def __init__(self, command: Sequence[str], log_path: str, env: Mapping[str, str]):
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    with open(log_path, "ab") as log:
+      self.process = subprocess.Popen(list(command), stdin=subprocess.DEVNULL, stdout=log,
+                                      stderr=subprocess.STDOUT, env=dict(env), start_new_session=True,
+                                      preexec_fn=_die_with_parent(os.getpid()))
+    self.pid = self.process.pid
+
+  def poll(self) -> Optional[int]:
+    return self.process.poll()
+
+  def terminate(self) -> None:
+    if self.process.poll() is None:
+      self.process.send_signal(signal.SIGTERM)
+
+  def kill(self) -> None:
+    if self.process.poll() is None:
+      self.process.kill()
+
+
+@gin.configurable(module="launch")
+class Local(Backend):
+  """Runs stages as subprocesses of this machine.
+
+  Args:
+    concurrency: stages running at once (each uses every core it is given: 1 on a small CPU host).
+    max_retries: further attempts of a failed stage before it counts as failed.
+    retry_delay_s: seconds before a failed stage is tried again.
+    command: the training command (default: this Python, `-m scaling_arch.train`).
+    env: extra environment variables for the stages, e.g. {'XLA_FLAGS': '...'}.
+  """
+
+  def __init__(self, concurrency: int = 1, max_retries: int = 2, retry_delay_s: float = 0.0,
+               command: Optional[Sequence[str]] = None, env: Optional[Mapping[str, str]] = None):
+    self.slots = int(concurrency)
+    self.max_retries = int(max_retries)
+    self.retry_delay_s = float(retry_delay_s)
+    self.command = list(command) if command else [sys.executable, "-m", "scaling_arch.train"]
+    self.env = {k: str(v) for k, v in (env or {}).items()}
+
+  def command_for(self, stage: Stage, initial_checkpoint: Optional[str]) -> list[str]:
+    return self.command + stage.train_args(initial_checkpoint)
+
+  def environment(self) -> dict[str, str]:
+    env = dict(os.environ)
+    root = _repo_root()
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
+                                                  if p and p != root])
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(self.env)
+    return env
+
+  def dry_run(self, stage: Stage, initial_checkpoint: Optional[str]) -> list[str]:
+    return [shlex.join(self.command_for(stage, initial_checkpoint))]
+
+  def start(self, stage: Stage, initial_checkpoint: Optional[str], log_path: str, slot: int) -> Job:
+    del slot
+    return LocalJob(self.command_for(stage, initial_checkpoint), log_path, self.environment())
+
+  def cancel(self, runs: Sequence[Run], state_dir: records.StateDir, out: Callable[[str], None],
+             timeout_s: float = 600.0) -> int:
+    """SIGTERMs the grid's launcher (which stops its stages), or else the selected stages' processes left
+    by a killed launcher, then waits for them to exit."""
+    targets = []
+    launcher = state_dir.launcher_pid()
+    if launcher:
+      os.kill(launcher, signal.SIGTERM)
+      out(f"sent SIGTERM to the launcher (pid {launcher}); it passes it to its stages, which checkpoint")
+      targets.append((launcher, ("launch",), "the launcher"))
+    for run in runs:
+      for stage in run.stages:
+        pid = state_dir.read_pid(stage)
+        if not pid or not records.process_alive(pid, (stage.model_dir,)):
+          continue
+        if not launcher:  # no launcher to pass the signal on (it was killed): signal the stage directly
+          try:
+            os.kill(pid, signal.SIGTERM)
+          except ProcessLookupError:
+            continue
+          out(f"sent SIGTERM to {stage.key} (pid {pid}); it checkpoints and exits")
+        targets.append((pid, (stage.model_dir,), stage.key))
+    if not targets:
+      out("nothing is running for this grid")
+      return 0
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and any(records.process_alive(p, m) for p, m, _ in targets):
+      time.sleep(0.5)
+    left = [what for p, m, what in targets if records.process_alive(p, m)]
+    if left:
+      out(f"still running after {timeout_s:.0f} s: {', '.join(left)}")
+      return 1
+    out("cancelled: every process stopped; `python -m launch run GRID` resumes from the checkpoints")
+    return 0
