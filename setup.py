@@ -63,6 +63,9 @@ setup(
         "transformers>=4.30,<6",
         "numpy>=1.26,<3",
         "absl-py>=2.0,<3",
+        # the analysis (scaling_arch/analysis): figures and the Parquet table.
+        "matplotlib>=3.8,<4",
+        "pyarrow>=14,<27",
     ],
     extras_require={
         "test": ["pytest>=8,<10", "pytest-timeout>=2.2,<3"],
