@@ -68,6 +68,6 @@ setup(
         "pyarrow>=14,<27",
     ],
     extras_require={
-        "test": ["pytest>=8,<10", "pytest-timeout>=2.2,<3"],
+        "test": ["pytest>=8,<10", "pytest-timeout>=2.2,<3", "pytest-xdist>=3.5,<4"],
     },
 )
