@@ -180,11 +180,25 @@ def test_a_self_contained_run_file_is_refused_as_a_stage():
        stages=[("pretrain", "gin/runs/pretrain_local.gin"), ("finetune", "gin/runs/finetune_local.gin")])
 
 
+def parse_every_stage(runs, last_step: int):
+  """Parses each stage's gin files and bindings as the launcher would pass them (a later stage starting
+  from its predecessor's checkpoint at `last_step`), yielding (run, stage) with the config in place."""
+  from scaling_arch import gin_utils
+  gin.clear_config()
+  for run in runs:
+    for stage in run.stages:
+      bindings = list(stage.bindings) + [f"MODEL_DIR = {stage.model_dir!r}"]
+      if stage.previous is not None:
+        bindings.append(f"INITIAL_CHECKPOINT = '{stage.previous.model_dir}/checkpoints/{last_step}'")
+      gin_utils.parse(stage.gin_files, bindings)
+      yield run, stage
+      gin.clear_config()
+
+
 PAPER = ["--gin.EXPERIMENT_ROOT='gs://bucket/paper'", "--gin.TFDS_DATA_DIR='gs://bucket/tfds'"]
 
 
 def test_paper_grid_expands_to_the_study_and_every_stage_parses():
-  from scaling_arch import gin_utils
   grid = load("gin/grids/paper.gin", [a[len("--gin."):].replace("=", " = ", 1) for a in PAPER])
   runs = grid.expand()
   archs = ["vanilla", "glu", "evolved", "universal", "switch", "performer", "funnel", "albert", "mos",
@@ -202,31 +216,25 @@ def test_paper_grid_expands_to_the_study_and_every_stage_parses():
   assert "NUM_DECODER_LAYERS = 2" in pre.bindings and "TFDS_DATA_DIR = 'gs://bucket/tfds'" in pre.bindings
   assert by_name["switch-base"].stages[0].gin_files[-1] == "gin/meshes/tpu_v3_16_expert.gin"
   assert len({s.spec()["hash"] for r in runs for s in r.stages}) == 2 * len(runs)
-  gin.clear_config()
-  # Every stage's gin files and bindings parse and finalize (fine-tuning once gin/runs/finetune.gin exists).
+  # Every stage's gin files and bindings parse and finalize.
   expected = {"base-dl2": ("%NUM_DECODER_LAYERS", 2), "small-el16": ("%NUM_ENCODER_LAYERS", 16),
               "base-nh32": ("%NUM_HEADS", 32), "base-ff6144": ("%MLP_DIM", 6144),
               "base-dm1024-nh16": ("%EMBED_DIM", 1024), "xl": ("%MLP_DIM", 16384)}
-  finetune_exists = os.path.exists(os.path.join(REPO, "gin/runs/finetune.gin"))
-  for run in runs:
-    for stage in run.stages if finetune_exists else run.stages[:1]:
-      bindings = list(stage.bindings) + [f"MODEL_DIR = {stage.model_dir!r}"]
-      if stage.previous is not None:
-        bindings.append(f"INITIAL_CHECKPOINT = '{stage.previous.model_dir}/checkpoints/524288'")
-      gin_utils.parse(stage.gin_files, bindings)
-      assert gin.query_parameter("%ARCHITECTURE") == run.architecture
-      if run.variant.name in expected:
-        macro, value = expected[run.variant.name]
-        assert gin.query_parameter(macro) == value, (run.name, macro)
-      # The convolution models split d_model into heads; MLP-Mixer's token mixing halves it.
-      assert gin.query_parameter("%EMBED_DIM") % (2 * gin.query_parameter("%NUM_HEADS")) == 0, run.name
-      if run.architecture == "switch":
-        assert gin.query_parameter("partitioning.Partitioner.axis_names") == ("data", "model", "expert")
-      gin.clear_config()
+  parsed = 0
+  for run, stage in parse_every_stage(runs, last_step=524288):
+    parsed += 1
+    assert gin.query_parameter("%ARCHITECTURE") == run.architecture
+    if run.variant.name in expected:
+      macro, value = expected[run.variant.name]
+      assert gin.query_parameter(macro) == value, (run.name, macro)
+    # The convolution models split d_model into heads; MLP-Mixer's token mixing halves it.
+    assert gin.query_parameter("%EMBED_DIM") % (2 * gin.query_parameter("%NUM_HEADS")) == 0, run.name
+    if run.architecture == "switch":
+      assert gin.query_parameter("partitioning.Partitioner.axis_names") == ("data", "model", "expert")
+  assert parsed == 2 * len(runs)
 
 
 def test_cpu_mini_grid_expands_and_parses():
-  from scaling_arch import gin_utils
   grid = load("gin/grids/cpu_mini.gin", ["EXPERIMENT_ROOT = '/tmp/unused_cpu_mini'"])
   runs = grid.expand()
   assert len(runs) == 12 and runs[0].name == "vanilla-tiny-nl1" and runs[-1].name == "albert-tiny"
@@ -235,19 +243,14 @@ def test_cpu_mini_grid_expands_and_parses():
   model_files = ("gin/models/vanilla.gin", "gin/sizes/tiny.gin")
   assert runs[0].stages[0].gin_files == (*model_files, "gin/runs/pretrain_local.gin")
   assert runs[0].stages[1].gin_files == (*model_files, "gin/runs/finetune_local.gin")
-  gin.clear_config()
-  finetune_exists = os.path.exists(os.path.join(REPO, "gin/runs/finetune_local.gin"))
-  for run in runs:
-    for stage in run.stages if finetune_exists else run.stages[:1]:
-      bindings = list(stage.bindings) + [f"MODEL_DIR = {stage.model_dir!r}"]
-      if stage.previous is not None:
-        bindings.append(f"INITIAL_CHECKPOINT = '{stage.previous.model_dir}/checkpoints/500'")
-      gin_utils.parse(stage.gin_files, bindings)
-      assert gin.query_parameter("%ARCHITECTURE") == run.architecture
-      assert gin.query_parameter("%NUM_ENCODER_LAYERS") == {"tiny-nl1": 1, "tiny-nl2": 2, "tiny": 4}[run.variant.name]
-      if stage.name == "pretrain":
-        assert gin.query_parameter("%TRAIN_STEPS") == 500
-      gin.clear_config()
+  parsed = 0
+  for run, stage in parse_every_stage(runs, last_step=500):
+    parsed += 1
+    assert gin.query_parameter("%ARCHITECTURE") == run.architecture
+    assert gin.query_parameter("%NUM_ENCODER_LAYERS") == {"tiny-nl1": 1, "tiny-nl2": 2, "tiny": 4}[run.variant.name]
+    if stage.name == "pretrain":
+      assert gin.query_parameter("%TRAIN_STEPS") == 500
+  assert parsed == 2 * len(runs)
 
 
 def test_grid_mistakes_are_one_line_errors(tmp_path):
