@@ -306,6 +306,15 @@ def one_error_line(capsys, argv, match):
   assert len(err) == 1 and err[0].startswith("error: ") and match in err[0], err
 
 
+def test_minor_tick_labels_do_not_crowd():
+  from scaling_arch.analysis.figures import _minor_labels
+  wide = _minor_labels(5.5)  # e.g. FLOPs from 9e11 to 5e12: one major tick (1e12)
+  assert [wide(v) for v in (9e11, 2e12, 3e12, 4e12, 5e12)] == ["", "2e+12", "3e+12", "", "5e+12"]
+  narrow = _minor_labels(1.02)  # e.g. losses from 5.22 to 5.30: minor ticks only, all labelled
+  assert [narrow(v) for v in (5.22, 5.25, 5.3)] == ["5.22", "5.25", "5.3"]
+  assert narrow(1.01) == "" and narrow(9.9) == ""  # beside a power of ten
+
+
 def test_error_no_runs(tmp_path, capsys):
   os.makedirs(tmp_path / "empty" / "_launch")
   one_error_line(capsys, [str(tmp_path / "empty")], "holds no runs")

@@ -28,6 +28,7 @@ from launch import cli, records
 from launch.grid import LaunchError, load, parse_variant
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARCHITECTURES = sorted(os.path.splitext(f)[0] for f in os.listdir(os.path.join(REPO, "gin", "models")))
 PRETRAIN_STEPS = 40
 FINETUNE_STEPS = 2
 KILL_RUN = "vanilla-tiny-nl1"
@@ -237,20 +238,24 @@ def test_paper_grid_expands_to_the_study_and_every_stage_parses():
 def test_cpu_mini_grid_expands_and_parses():
   grid = load("gin/grids/cpu_mini.gin", ["EXPERIMENT_ROOT = '/tmp/unused_cpu_mini'"])
   runs = grid.expand()
-  assert len(runs) == 12 and runs[0].name == "vanilla-tiny-nl1" and runs[-1].name == "albert-tiny"
+  widths = {"tiny-dm64-ff256-nh1": 64, "tiny-dm96-ff384-nh1": 96, "tiny-dm128-ff512-nh2": 128,
+            "tiny-dm160-ff640-nh2": 160}
+  assert len(runs) == 12 * len(widths) and {r.architecture for r in runs} == set(ARCHITECTURES)
+  assert runs[0].name == "vanilla-tiny-dm64-ff256-nh1"
   assert grid.state_dir == "/tmp/unused_cpu_mini/_launch"
-  assert [s.gin_files[2] for s in runs[0].stages] == ["gin/runs/pretrain_local.gin", "gin/runs/finetune_local.gin"]
-  model_files = ("gin/models/vanilla.gin", "gin/sizes/tiny.gin")
-  assert runs[0].stages[0].gin_files == (*model_files, "gin/runs/pretrain_local.gin")
-  assert runs[0].stages[1].gin_files == (*model_files, "gin/runs/finetune_local.gin")
+  assert runs[0].stages[0].gin_files == ("gin/models/vanilla.gin", "gin/sizes/tiny.gin", "gin/runs/pretrain_local.gin")
   parsed = 0
-  for run, stage in parse_every_stage(runs, last_step=500):
+  for run, stage in parse_every_stage(runs, last_step=200):
     parsed += 1
     assert gin.query_parameter("%ARCHITECTURE") == run.architecture
-    assert gin.query_parameter("%NUM_ENCODER_LAYERS") == {"tiny-nl1": 1, "tiny-nl2": 2, "tiny": 4}[run.variant.name]
-    if stage.name == "pretrain":
-      assert gin.query_parameter("%TRAIN_STEPS") == 500
-  assert parsed == 2 * len(runs)
+    # 4+4 layers: Switch's MoE layer is the 4th of each stack (EXPERT_EVERY = 4).
+    assert gin.query_parameter("%NUM_ENCODER_LAYERS") == gin.query_parameter("%NUM_DECODER_LAYERS") == 4
+    if run.architecture == "switch":
+      assert gin.query_parameter("%EXPERT_EVERY") <= 4
+    assert gin.query_parameter("%EMBED_DIM") == widths[run.variant.name]
+    assert gin.query_parameter("%MLP_DIM") == 4 * widths[run.variant.name]
+    assert gin.query_parameter("%TRAIN_STEPS") == 200
+  assert parsed == len(runs)
 
 
 def test_grid_mistakes_are_one_line_errors(tmp_path):

@@ -57,6 +57,23 @@ def _fit_line(ax, study: Study, metric: str, arch: str, color, **kwargs) -> None
     ax.plot(xs, fit.predict(xs), "--", color=color, linewidth=1, **kwargs)
 
 
+def _minor_labels(span: float) -> ticker.FuncFormatter:
+  """Labels for the minor ticks of a log axis spanning less than a decade (hi / lo = span): over more than
+  a factor of two only the 2, 3 and 5 multiples (4e+12 beside 5e+12 would crowd); always left out within
+  0.05 decades of a power of ten (9e+11 would crowd the major 1e+12 label)."""
+  def label(value: float, _pos=None) -> str:
+    if value <= 0:
+      return ""
+    exponent = math.log10(value)
+    if abs(exponent - round(exponent)) < 0.05:
+      return ""
+    mantissa = value / 10 ** math.floor(exponent)
+    if span > 2 and not any(abs(mantissa - m) < 1e-6 for m in (2, 3, 5)):
+      return ""
+    return f"{value:.3g}"
+  return ticker.FuncFormatter(label)
+
+
 def _axes_labels(ax, metric: str) -> None:
   ax.set_xscale("log")
   ax.set_yscale("log")
@@ -64,7 +81,7 @@ def _axes_labels(ax, metric: str) -> None:
     axis.set_major_formatter(ticker.FormatStrFormatter("%.3g"))
     # Label the minor ticks only when the axis spans less than a decade (no major tick to read).
     axis.set_minor_formatter(ticker.NullFormatter() if math.log10(hi / lo) >= 1
-                             else ticker.FormatStrFormatter("%.3g"))
+                             else _minor_labels(hi / lo))
   ax.set_xlabel(AXES["flops"].label)
   ax.set_ylabel(METRICS[metric].label)
   ax.grid(True, which="both", alpha=0.3)
