@@ -2,6 +2,9 @@
 
 import sys
 
-from launch.cli import main
+from scaling_arch import runtime_env
+
+runtime_env.start(reexec=False)  # quiet TensorFlow (gs:// only); stages inherit the log settings
+from launch.cli import main  # noqa: E402
 
 sys.exit(main())

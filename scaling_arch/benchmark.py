@@ -29,6 +29,10 @@ What the figures mean:
 
 from __future__ import annotations
 
+if __name__ == "__main__":
+  from scaling_arch import runtime_env
+  runtime_env.start()  # before JAX and TensorFlow: huge-page malloc, quiet libraries (runtime_env.py)
+
 import copy
 import json
 import math
@@ -47,7 +51,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from scaling_arch import errors, gin_utils
 from scaling_arch import models as models_lib
-from scaling_arch import optimizers, partitioning
+from scaling_arch import optimizers, partitioning, runtime_env
 from scaling_arch import train as train_lib  # registers `train` (the model files bind it) and the gin flags
 from scaling_arch import trainer as trainer_lib
 
@@ -330,31 +334,12 @@ flags.DEFINE_integer("vocab_size", 32128, "Vocabulary size (token ids are random
 flags.DEFINE_integer("warmup_steps", 3, "Untimed steps first (the first one compiles).")
 flags.DEFINE_integer("steps", 10, "Timed steps.")
 flags.DEFINE_string("json_out", None, "Optional path to write the results as JSON.")
-flags.DEFINE_bool("malloc_hugepages", True,
-                  "On Linux, re-run with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 unless it is set: XLA:CPU "
-                  "allocates its buffers afresh every step, and transparent huge pages for them save most of "
-                  "the page faults (about 15% of a CPU train step). Training runs get the same only when "
-                  "launched with that variable.")
-
-HUGETLB_TUNABLE = "glibc.malloc.hugetlb=1"
-
-
-def _reexec_with_hugepage_malloc() -> None:
-  """Replaces this process by the same command with glibc's malloc using transparent huge pages."""
-  tunables = os.environ.get("GLIBC_TUNABLES", "")
-  if not sys.platform.startswith("linux") or "glibc.malloc.hugetlb" in tunables:
-    return
-  os.environ["GLIBC_TUNABLES"] = ":".join(t for t in (tunables, HUGETLB_TUNABLE) if t)
-  sys.stdout.flush()
-  sys.stderr.flush()
-  os.execv(sys.executable, [sys.executable, "-m", "scaling_arch.benchmark", *sys.argv[1:]])
+# --malloc_hugepages (default on, Linux) comes from scaling_arch.runtime_env, which acts on it at start-up.
 
 
 def main(argv):
   del argv
-  if FLAGS.malloc_hugepages:
-    _reexec_with_hugepage_malloc()
-  if not FLAGS["verbosity"].present:
+  if not (FLAGS["verbosity"].present or runtime_env.verbose()):
     logging.set_verbosity(logging.WARNING)
   try:
     train_lib.initialize_distributed()

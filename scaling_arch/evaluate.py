@@ -23,6 +23,8 @@ from __future__ import annotations
 
 if __name__ == "__main__":
   # As in train.py: run the CLI from the package module, so gin configurables are registered once.
+  from scaling_arch import runtime_env
+  runtime_env.start()  # before JAX and TensorFlow: huge-page malloc, quiet libraries (runtime_env.py)
   from scaling_arch import evaluate as _package_module
   _package_module.cli()  # exits
 
@@ -235,8 +237,8 @@ def evaluate(*, checkpoint_path: str = gin.REQUIRED, partitioner_factory: Option
 
 # ---- command line -------------------------------------------------------------------------------------
 def main(argv):
-  from scaling_arch import train as train_lib
-  if not flags.FLAGS["verbosity"].present:
+  from scaling_arch import runtime_env, train as train_lib
+  if not (flags.FLAGS["verbosity"].present or runtime_env.verbose()):
     logging.set_verbosity(logging.WARNING)
   sys.exit(train_lib.run(argv, evaluate))
 

@@ -10,6 +10,10 @@ Exit status: 0 done; 2 the experiment cannot be analysed as asked (one `error:` 
 
 from __future__ import annotations
 
+if __name__ == "__main__":
+  from scaling_arch import runtime_env
+  runtime_env.start(reexec=False)  # quiet TensorFlow (imported for gs:// roots only); see runtime_env.py
+
 import argparse
 import os
 import sys
