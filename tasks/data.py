@@ -8,6 +8,7 @@ same input position.
 
 import os
 
+import gin
 import seqio
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -47,8 +48,7 @@ def get_dataset(task: seqio.Task, *, split: str, feature_lengths: dict[str, int]
   ds = _task_dataset(task, sequence_length=dict(feature_lengths), split=split, shuffle=shuffle,
                      seed=seed, num_epochs=None if repeat else 1, use_cached=False,
                      try_in_mem_cache=False)
-  ds = seqio.EncDecFeatureConverter(pack=pack)(ds, dict(feature_lengths))
-  ds = ds.map(_with_all_features, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = to_features(ds, feature_lengths, pack=pack)
   ds = ds.batch(global_batch_size, drop_remainder=True)
   if process_count > 1:
     local = global_batch_size // process_count
@@ -59,9 +59,96 @@ def get_dataset(task: seqio.Task, *, split: str, feature_lengths: dict[str, int]
   return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
 
 
+# Stands for an input position that must be padding in the model's rows (see `align_inputs`). Not 0: seqio's
+# packer drops the zeros of an example; not a vocabulary id: they are all >= 0.
+FILLER = -1
+
+
+@gin.configurable(module='tasks')
+def input_alignment(multiple: int = 1) -> int:
+  """The multiple every example's inputs are padded to before packing (1: none). The Funnel's gin file
+  sets it to its total pooling factor, so every packed example starts at a pooling-window boundary."""
+  if multiple < 1:
+    raise DataError(f'tasks.input_alignment.multiple must be >= 1, got {multiple}.')
+  return multiple
+
+
+def align_inputs(example, multiple: int):
+  """Pads an example's `inputs` with FILLER to a multiple of `multiple` (empty inputs: to `multiple`).
+
+  The empty case matters for every architecture: seqio numbers each feature's packed segments by counting
+  the examples that have tokens in it, so an example without inputs would shift the encoder's segment ids
+  against the decoder's and its targets would cross-attend to the next example's inputs. With FILLER
+  positions (padding after `to_features`) it keeps its number and simply has no encoder tokens.
+  """
+  inputs = example['inputs']
+  length = tf.size(inputs)
+  padded = (tf.maximum(length, 1) + multiple - 1) // multiple * multiple
+  filler = tf.fill([padded - length], tf.constant(FILLER, inputs.dtype))
+  return {**example, 'inputs': tf.concat([inputs, filler], 0)}
+
+
+def to_features(ds: tf.data.Dataset, feature_lengths: dict[str, int], *, pack: bool) -> tf.data.Dataset:
+  """Task examples ({'inputs', 'targets'}) -> the model's int32 `FEATURES`, packed by seqio if `pack`.
+
+  Inputs are first aligned (`align_inputs`, multiple `input_alignment()`); FILLER positions come out as
+  padding (token 0, segment id 0), so an aligned example's extra positions cost row capacity, not content.
+  """
+  multiple = input_alignment()
+  ds = ds.map(lambda ex: align_inputs(ex, multiple), num_parallel_calls=tf.data.AUTOTUNE)
+  ds = seqio.EncDecFeatureConverter(pack=pack)(ds, dict(feature_lengths))
+  return ds.map(_with_all_features, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def check_split_not_empty(task, split: str) -> None:
+  """Raises DataError if `split` of `task` (or of a mixture's tasks) reads from files that hold nothing.
+
+  Cheap (reads until the first non-blank byte) and read-only, so the trainer calls it before it writes
+  anything: an empty training split would end in StopIteration, an empty validation split in a -0.0
+  ("perfect") negative log-perplexity. Sources other than files (TFDS) are checked when they are read.
+  """
+  for sub in getattr(task, 'tasks', None) or [task]:
+    source = getattr(sub, 'source', None)
+    if not isinstance(source, seqio.FileDataSource) or split not in source.splits:
+      continue
+    files = list(source.list_shards(split))
+    if not any(_has_content(f, text=isinstance(source, seqio.TextLineDataSource)) for f in files):
+      shown = ', '.join(files) if files else f'no file matches {source._split_to_filepattern[split]!r}'  # pylint: disable=protected-access
+      raise DataError(
+          f'The {split!r} split of task {base_task_name(sub.name)} is empty ({shown}): '
+          f'{"training would have no examples" if split == "train" else "evaluation would score nothing"}. '
+          'Rebuild or fix the file (for the offline corpus: delete it and it is rebuilt at the next start).')
+
+
+def base_task_name(name: str) -> str:
+  """A registered task name without its hash suffix ('offline_span_corruption_1a2b3c4d' -> without it)."""
+  head, _, tail = name.rpartition('_')
+  return head if head and len(tail) == 8 and all(c in '0123456789abcdef' for c in tail) else name
+
+
+def _has_content(path: str, *, text: bool) -> bool:
+  """Whether `path` exists and holds a byte (for text, a non-whitespace character)."""
+  try:
+    with tf.io.gfile.GFile(path, 'rb') as f:
+      while True:
+        chunk = f.read(1 << 16)
+        if not chunk:
+          return False
+        if not text or chunk.strip():
+          return True
+  except tf.errors.NotFoundError:
+    return False
+
+
 def _with_all_features(example):
-  """Adds segment ids and positions when unpacked (one segment per row) and casts all to int32."""
+  """Turns FILLER inputs into padding, adds segment ids and positions when unpacked (one segment per row)
+  and casts all to int32."""
   example = dict(example)
+  real = tf.not_equal(example['encoder_input_tokens'], FILLER)
+  example['encoder_input_tokens'] = tf.where(real, example['encoder_input_tokens'], 0)
+  for name in ('encoder_segment_ids', 'encoder_positions'):
+    if name in example:
+      example[name] = tf.where(real, example[name], 0)
   for prefix, tokens in (('encoder', 'encoder_input_tokens'), ('decoder', 'decoder_target_tokens')):
     if f'{prefix}_segment_ids' not in example:
       segment_ids = tf.cast(tf.not_equal(example[tokens], 0), tf.int32)

@@ -107,12 +107,11 @@ def unpacked_mixer(params, x, length):
 
 def test_encoder_mixer_mixes_each_packed_example_separately_and_ignores_padding():
   rng = np.random.RandomState(2)
-  module = mixer.TokenMixing(max_length=12, max_segments=4)
+  module = mixer.TokenMixing(max_length=12)
   seg = jnp.asarray([[1, 1, 1, 2, 2, 2, 2, 2, 3, 0, 0, 0], [1] * 9 + [0] * 3], jnp.int32)
   x = jnp.asarray(rng.randn(2, 12, D), jnp.float32)
   params, inputs = init_mixer(module, x, seg)
-  out, state = module.apply({"params": params}, x, x, inputs, deterministic=True, mutable=["metrics"])
-  assert float(state["metrics"]["segment_overflow"][0]) == 0.0
+  out = module.apply({"params": params}, x, x, inputs, deterministic=True)
   for b, spans in ((0, [(0, 3), (3, 8), (8, 9)]), (1, [(0, 9)])):
     for start, end in spans:
       alone = np.zeros((12, D), np.float32)
@@ -128,14 +127,29 @@ def test_encoder_mixer_mixes_each_packed_example_separately_and_ignores_padding(
   np.testing.assert_allclose(short, out[:, :9], atol=1e-5)
 
 
-def test_encoder_mixer_overflow_is_reported():
-  module = mixer.TokenMixing(max_length=8, max_segments=2)
-  seg = jnp.asarray([[1, 1, 2, 2, 3, 3, 4, 0]], jnp.int32)
-  x = jnp.asarray(np.random.RandomState(3).randn(1, 8, D), jnp.float32)
+def test_encoder_mixer_mixes_every_example_of_a_crowded_row():
+  """As many examples as tokens (1-token examples), and 2^k - 1 / 2^k examples at the group boundaries:
+  every example is mixed exactly as alone, whatever the number of examples in the row."""
+  length = 16
+  module = mixer.TokenMixing(max_length=length)
+  rng = np.random.RandomState(3)
+  rows = [list(range(1, 17)),                                   # 16 examples of 1 token
+          [1, 1, 1, 1, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 11],  # 11 examples, one long
+          [1] * 5 + [2] * 3 + [3] * 3 + [4] * 2 + [5, 6, 7],     # 7 examples
+          [1, 2, 3, 4, 5, 6, 7, 8, 8, 8, 0, 0, 0, 0, 0, 0]]      # 8 examples, padding
+  seg = jnp.asarray(rows, jnp.int32)
+  x = jnp.asarray(rng.randn(len(rows), length, D), jnp.float32)
   params, inputs = init_mixer(module, x, seg)
-  out, state = module.apply({"params": params}, x, x, inputs, deterministic=True, mutable=["metrics"])
-  np.testing.assert_allclose(float(state["metrics"]["segment_overflow"][0]), 3 / 7, rtol=1e-6)
-  np.testing.assert_array_equal(out[0, 4:], 0.0)
+  out = np.asarray(module.apply({"params": params}, x, x, inputs, deterministic=True))
+  for b, row in enumerate(rows):
+    row = np.asarray(row)
+    for g in set(row.tolist()) - {0}:
+      where = np.flatnonzero(row == g)
+      alone = np.zeros((length, D), np.float32)
+      alone[:len(where)] = x[b, where]
+      np.testing.assert_allclose(out[b, where], unpacked_mixer(params, alone, len(where)),
+                                 rtol=1e-5, atol=1e-5, err_msg=f"row {b}, example {g}")
+    np.testing.assert_array_equal(out[b, row == 0], 0.0)
 
 
 def test_causal_mixer_is_causal_packed_prefix_sliceable_and_decodes():

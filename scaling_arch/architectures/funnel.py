@@ -9,11 +9,17 @@ block after the first, after that layer's self-attention (which still runs at th
 before its feed-forward. A block with no layers (stacks shallower than `num_blocks`) pools at its start.
 
 Pooled masks: the pooled segment id is the window's first element (as in the reference), and the mean
-is taken only over the window's elements of that same segment. So a window that spans two packed
-examples, or an example and padding, averages only the first example's tokens: nothing leaks across
-examples and padding content is never read. (A token whose window starts in another segment is left out
-of the pooled sequence: with window-aligned packing, e.g. example lengths that are multiples of 4 for
-3 blocks, this never happens.)
+is taken only over the window's elements of that same segment, so nothing leaks across examples and
+padding content is never read.
+
+Packing is exact only when every packed example starts at a multiple of the total pooling factor
+pooling_size^(num_blocks - 1) (4 for 3 blocks): then every window lies inside one example and an example
+is pooled exactly as alone in its row. The data pipeline guarantees it: gin/models/funnel.gin sets
+`tasks.input_alignment.multiple` (macro FUNNEL_INPUT_ALIGNMENT) and the pipeline pads each example's
+inputs to that multiple with padding before seqio packs them (tasks/data.py). `FunnelEncoder.
+input_alignment` is bound to the same macro and a value that is not a multiple of the pooling factor is
+refused when the model is built. (Unaligned, an example that does not start at a window boundary would be
+pooled differently, and a token whose window starts in the previous example would be dropped.)
 
 Pooled positions: the relative position bias (one [heads, 32] table shared by every encoder layer of
 every block) is applied to re-indexed pooled positions 0..L_b - 1, so one bucket step in block b spans
@@ -32,6 +38,7 @@ import flax.linen as nn
 import gin
 import jax.numpy as jnp
 
+from scaling_arch import errors
 from scaling_arch.layers import attention as attention_lib
 from scaling_arch.layers.transformer import (REMAT_POLICIES, Encoder, EncoderLayer, LayerInputs,
                                              apply_layer_stack, module_fields, residual_dropout)
@@ -93,6 +100,9 @@ class FunnelEncoder(Encoder):
   num_blocks: int = 3
   pooling_size: int = 2
   block_sizes: Optional[Sequence[int]] = None
+  # The multiple the data pipeline pads every packed example's inputs to (tasks.input_alignment); it must
+  # be a multiple of pooling_size^(num_blocks - 1) for packing to be exact. 0: not checked (unpacked use).
+  input_alignment: int = 0
 
   def layers_per_block(self) -> tuple[int, ...]:
     if self.block_sizes is None:
@@ -107,13 +117,18 @@ class FunnelEncoder(Encoder):
   def __call__(self, x, segment_ids, positions=None, *, deterministic: bool):
     if self.pooling_size < 1:
       raise ValueError(f"pooling_size must be >= 1, got {self.pooling_size}")
+    factor = self.pooling_size ** (self.num_blocks - 1)
+    if self.input_alignment and self.input_alignment % factor:
+      raise errors.ConfigError(
+          f"FunnelEncoder: packed examples are aligned to {self.input_alignment} tokens but the pooling "
+          f"factor is {factor} (pooling_size^(num_blocks - 1)); set FUNNEL_INPUT_ALIGNMENT = {factor} so "
+          "that no pooling window straddles two packed examples.")
     sizes = self.layers_per_block()
     if self.input_position_factory is not None:
       if positions is None:
         positions = jnp.broadcast_to(jnp.arange(x.shape[1]), segment_ids.shape)
       x = x + self.input_position_factory(dtype=self.dtype, name="position_embedder")(positions)
     # Pad to a multiple of the total pooling factor (padding: segment id 0).
-    factor = self.pooling_size ** (self.num_blocks - 1)
     pad = (-x.shape[1]) % factor
     if pad:
       x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))

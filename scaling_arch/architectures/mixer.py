@@ -12,13 +12,14 @@ Both index their weights by the position *within the packed example* (segment-re
 zeroed before mixing. Packed examples never mix:
   - decoder: the [B, L, L] matrices W[pos_t, pos_s] are gathered per row and masked by "same segment,
     s <= t", so packing costs nothing extra (the einsums are those of an unpacked row);
-  - encoder: the hidden is not position-indexed, so each packed example needs its own hidden. The row is
-    unpacked into segment slots [B, n, L, d] (example g's tokens at positions 0.. of slot g), mixed there,
-    and gathered back. The slot count n is chosen at run time among 1, 2, 4, ..., max_segments (a
-    `lax.switch`), as the smallest that holds the batch's most-packed row: unpacked batches (evaluation,
-    fine-tuning, decoding) cost exactly one mixer, packed ones n mixers. Tokens of examples beyond
-    max_segments in a row are not mixed (their output is zero); the fraction of such tokens is sown into
-    the `metrics` collection as `segment_overflow`.
+  - encoder: the hidden is not position-indexed, so each packed example needs its own hidden [D_S, d].
+    The row's examples are ranked by length and unpacked into slots (example g's tokens at positions 0..
+    of its slot): ranks 2^i - 1 .. 2^(i+1) - 2 form group i, whose slots hold L // 2^i positions (the
+    k-th longest of examples sharing L positions has at most L / k tokens). Group i costs as much as one
+    unpacked mixer (2^i slots of L / 2^i positions) plus 2^i hiddens, so a row of n examples is exact at
+    ceil(log2(n + 1)) mixers' matmul FLOPs and 2^G - 1 >= n hiddens. The group count G is chosen at run
+    time (a `lax.switch`) for the batch's most-packed row: an unpacked batch (evaluation, decoding) costs
+    exactly one mixer. Every example of every row is mixed, whatever their number.
 
 Lengths: a sequence longer than the configured length is an error (`MixerLengthError`, a ValueError naming
 the macro to set). A shorter one is accepted and treated as padded to the configured length: padding
@@ -67,26 +68,51 @@ def segment_layout(segment_ids):
 _LECUN_OUT_IN = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=-1, out_axis=-2)
 
 
-def _mix_slots(num_slots: int, x, slot, position, w1, b1, w2, b2, dtype):
-  """Token-mixing MLP applied separately to each packed example of each row, via `num_slots` slots."""
-  length = x.shape[1]
-  p = jnp.arange(length, dtype=jnp.int32)
-  g = jnp.arange(num_slots, dtype=jnp.int32)
-  in_slot = slot[:, None, :] == g[None, :, None]                          # [B, n, L]
-  slot_length = jnp.sum(in_slot, axis=-1)                                 # [B, n]
-  slot_start = jnp.argmax(in_slot, axis=-1).astype(jnp.int32)             # [B, n] (0 if empty)
-  source = jnp.clip(slot_start[..., None] + p, 0, length - 1)             # [B, n, L]
-  valid = p[None, None, :] < slot_length[..., None]
-  unpacked = jax.vmap(lambda xb, ib: xb[ib])(x, source)                   # [B, n, L, d]
-  unpacked = unpacked * valid[..., None].astype(dtype)
-  h = jnp.einsum("jp,bgpc->bgjc", w1.astype(dtype), unpacked) + b1.astype(dtype)[:, None]
-  h = jax.nn.gelu(h, approximate=True)
-  y = jnp.einsum("pj,bgjc->bgpc", w2.astype(dtype), h) + b2.astype(dtype)[:, None]   # [B, n, L, d]
-  y = y.reshape(y.shape[0], num_slots * length, y.shape[-1])
-  flat = jnp.clip(slot, 0, num_slots - 1) * length + position
-  out = jax.vmap(lambda yb, ib: yb[ib])(y, flat)                           # [B, L, d]
-  keep = (slot >= 0) & (slot < num_slots)
-  return out * keep[..., None].astype(dtype)
+def _group_offsets(num_groups: int, length: int):
+  """Static layout of the slots of `num_groups` groups: (capacity per group, flat offset per rank)."""
+  capacities = [length // 2 ** i for i in range(num_groups)]
+  offsets, base = [], 0
+  for i, cap in enumerate(capacities):
+    offsets += [base + j * cap for j in range(2 ** i)]
+    base += 2 ** i * cap
+  return capacities, np.asarray(offsets, np.int32)
+
+
+def _mix_examples(num_groups: int, x, slot, position, w1, b1, w2, b2, dtype):
+  """Token-mixing MLP applied separately to each packed example of each row (up to 2^num_groups - 1 of
+  them), in length-ranked slots whose capacity halves from group to group (module docstring)."""
+  batch, length, d = x.shape
+  num_slots = 2 ** num_groups - 1
+  idx = jnp.arange(length, dtype=jnp.int32)
+  dropped = jnp.where(slot < 0, num_slots, slot)          # padding: an index past the end, dropped
+  lengths = jax.vmap(lambda s: jnp.zeros(num_slots, jnp.int32).at[s].add(1, mode="drop"))(dropped)
+  starts = jax.vmap(lambda s: jnp.full(num_slots, length, jnp.int32).at[s].min(idx, mode="drop"))(dropped)
+  order = jnp.argsort(-lengths, axis=-1, stable=True).astype(jnp.int32)    # [B, S]: slot of each rank
+  rank = jnp.argsort(order, axis=-1).astype(jnp.int32)                     # [B, S]: rank of each slot
+  capacities, offsets = _group_offsets(num_groups, length)
+  outputs = []
+  for i, cap in enumerate(capacities):
+    ranked = order[:, 2 ** i - 1:2 ** (i + 1) - 1]                          # [B, 2^i]
+    start = jnp.take_along_axis(starts, ranked, axis=1)
+    size = jnp.take_along_axis(lengths, ranked, axis=1)
+    p = jnp.arange(cap, dtype=jnp.int32)
+    source = jnp.clip(start[..., None] + p, 0, length - 1)                 # [B, 2^i, cap]
+    valid = (p < size[..., None]).astype(dtype)
+    unpacked = jax.vmap(lambda xb, ib: xb[ib])(x, source) * valid[..., None]   # [B, 2^i, cap, d]
+    h = jnp.einsum("jp,bgpc->bgjc", w1[:, :cap].astype(dtype), unpacked) + b1.astype(dtype)[:, None]
+    h = jax.nn.gelu(h, approximate=True)
+    y = jnp.einsum("pj,bgjc->bgpc", w2[:cap].astype(dtype), h) + b2[:cap].astype(dtype)[:, None]
+    outputs.append(y.reshape(batch, -1, d))
+  flat_y = jnp.concatenate(outputs, axis=1)
+  token_rank = jnp.take_along_axis(rank, jnp.clip(slot, 0, num_slots - 1), axis=1)
+  flat = jnp.asarray(offsets)[token_rank] + position
+  out = jax.vmap(lambda yb, ib: yb[ib])(flat_y, flat)                      # [B, L, d]
+  return out * (slot >= 0)[..., None].astype(dtype)
+
+
+def num_mixers(num_examples: int) -> int:
+  """Groups (each one mixer's matmul FLOPs) that the exact form uses for a row of `num_examples`."""
+  return max(1, int(num_examples).bit_length())
 
 
 @gin.configurable(module="architectures")
@@ -98,7 +124,6 @@ class TokenMixing(nn.Module):
   """
   max_length: int                      # Le: %INPUT_LENGTH
   hidden_dim: Optional[int] = None     # D_S; None: d // 2 (the Mixer's ratio)
-  max_segments: int = 8                # packed examples per row that are mixed separately
   length_macro: str = "INPUT_LENGTH"   # named in the length error
   allow_shorter: bool = True           # a shorter sequence is taken as padded to max_length
   dtype: Any = jnp.float32
@@ -124,16 +149,13 @@ class TokenMixing(nn.Module):
     x = inputs_q * (segment_ids > 0)[..., None].astype(self.dtype)
     slot, position = segment_layout(segment_ids)
 
-    # Slot counts 1, 2, 4, ..., max_segments: the smallest holding the most-packed row of the batch.
-    counts = sorted({min(2 ** i, self.max_segments)
-                     for i in range(int(np.ceil(np.log2(max(self.max_segments, 1)))) + 1)})
+    # Groups 1, 2, ...: the fewest whose 2^G - 1 slots hold the most-packed row of the batch.
+    max_groups = num_mixers(length)
     needed = jnp.max(slot) + 1
-    branch = jnp.minimum(jnp.searchsorted(jnp.asarray(counts), needed), len(counts) - 1)
-    branches = [lambda *a, n=n: _mix_slots(n, *a, dtype=self.dtype) for n in counts]
+    groups = sum((needed >= 2 ** k).astype(jnp.int32) for k in range(max_groups))   # bit length
+    branch = jnp.clip(groups - 1, 0, max_groups - 1)
+    branches = [lambda *a, g=g: _mix_examples(g, *a, dtype=self.dtype) for g in range(1, max_groups + 1)]
     y = jax.lax.switch(branch, branches, x, slot, position, w1, b1, w2, b2)
-
-    nonpad = jnp.maximum(jnp.sum(slot >= 0), 1)
-    self.sow("metrics", "segment_overflow", jnp.sum(slot >= self.max_segments) / nonpad)
     return nn.with_logical_constraint(y, ("batch", "length", "embed"))
 
 

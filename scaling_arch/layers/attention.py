@@ -1,5 +1,9 @@
 """Softmax multi-head attention (T5 v1.0: no biases, no 1/sqrt(d_k) factor, scale folded into W_q's init)
-with a key/value cache for incremental decoding, and the inputs every token-mixing sublayer receives."""
+with a key/value cache for incremental decoding, and the inputs every token-mixing sublayer receives.
+
+A query that may see no key (padding; a packed decoder example whose encoder inputs are empty) gets a zero
+output, in training and in cached decoding alike, never an average over other examples or padding.
+"""
 
 from typing import Any, Optional
 
@@ -58,8 +62,13 @@ def cross_attention_inputs(q_segment_ids, kv_segment_ids):
 
 
 def dot_product_attention(q, k, v, bias, *, dropout_rate: float, deterministic: bool, dropout_rng=None,
-                          dtype=jnp.float32, float32_logits: bool = True):
-  """q [B, Lq, H, D], k/v [B, Lk, H, D], bias [B|1, H|1, Lq, Lk] -> [B, Lq, H, D]."""
+                          dtype=jnp.float32, float32_logits: bool = True, query_has_key=None):
+  """q [B, Lq, H, D], k/v [B, Lk, H, D], bias [B|1, H|1, Lq, Lk] -> [B, Lq, H, D].
+
+  `query_has_key` [B, Lq] (optional): False where the query may see no key at all. Its output is zero: a
+  softmax over nothing but -1e10 masks would otherwise weigh every key alike, other packed examples and
+  padding included.
+  """
   if float32_logits:
     q, k = q.astype(jnp.float32), k.astype(jnp.float32)
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)
@@ -68,7 +77,10 @@ def dot_product_attention(q, k, v, bias, *, dropout_rate: float, deterministic: 
   if not deterministic and dropout_rate > 0.0:
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
     weights = weights * keep.astype(dtype) / jnp.asarray(1.0 - dropout_rate, dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", weights, v.astype(dtype))
+  out = jnp.einsum("bhqk,bkhd->bqhd", weights, v.astype(dtype))
+  if query_has_key is not None:
+    out = out * query_has_key[:, :, None, None].astype(dtype)
+  return out
 
 
 def head_projection(x, num_heads: int, head_dim: int, *, std: float, dtype, name: str):
@@ -113,12 +125,13 @@ class MultiHeadAttention(nn.Module):
       k, v, attention_inputs = self._update_cache(k, v, attention_inputs)
 
     bias = attention_inputs.bias()
+    query_has_key = jnp.any(attention_inputs.mask(), axis=-1)[:, 0]   # [B, Lq]
     dropout_rng = None
     if not deterministic and self.dropout_rate > 0.0:
       dropout_rng = self.make_rng("dropout")
     out = dot_product_attention(q, k, v, bias, dropout_rate=self.dropout_rate, deterministic=deterministic,
                                 dropout_rng=dropout_rng, dtype=self.dtype,
-                                float32_logits=self.float32_logits)
+                                float32_logits=self.float32_logits, query_has_key=query_has_key)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
     out = out.reshape(out.shape[:-2] + (hd,))
     return Dense(d, kernel_axes=("joined_kv", "embed"), kernel_init=initializers.normal_std(hd ** -0.5),
