@@ -161,7 +161,7 @@ def stage_status(stage: Stage, state_dir: StateDir) -> StageStatus:
     state = "failed"
   elif last == "started" and _started_alive(text, stage):
     state = "running"
-  elif status == "failed_nonfinite_loss":
+  elif status and status.startswith("failed"):  # failed_nonfinite_loss, failed (data, disk)
     state = "failed"
   elif status in ("preempted", "stopped"):
     state = status
@@ -172,7 +172,11 @@ def stage_status(stage: Stage, state_dir: StateDir) -> StageStatus:
   else:
     state = "pending"
   metrics = last_metrics(stage.model_dir) if record else {}
-  return StageStatus(stage=stage, state=state, step=record.get("step", metrics.get("step")),
+  step = record.get("step", metrics.get("step"))
+  if state == "running" and metrics.get("step") is not None:
+    # The live step: training appends to metrics.jsonl every log_every_steps steps (run.json's step may lag).
+    step = max(int(metrics["step"]), int(step or 0))
+  return StageStatus(stage=stage, state=state, step=step,
                      train_steps=record.get("train_steps"), loss=metrics.get("loss", record.get("final_loss")),
                      steps_per_sec=metrics.get("steps_per_sec") or record.get("steps_per_sec"),
                      error=last_error(log) if state == "failed" else None,

@@ -2,7 +2,7 @@
 
 Policy, in order:
 1. MODEL_DIR has a checkpoint written by the same model configuration and task (the signature): resume
-   from its latest step (train state and input position).
+   from its latest intact step (train state and input position; see "Verified restore" below).
 2. Otherwise, if INITIAL_CHECKPOINT is given: initialize from it (parameters only by default, the
    optimizer state too when asked), starting at step 0. Its run's signature.json must agree on the
    architecture, vocabulary size and parameter shapes (`check_initial_checkpoint`), else a one-line error.
@@ -11,16 +11,33 @@ A MODEL_DIR whose checkpoint came from a different configuration is refused (not
 
 Layout of MODEL_DIR: `checkpoints/<step>/state` (orbax), `checkpoints/signature.json` (what model wrote
 them), `data_state/<step>/process_<i>-of-<n>*` (the tf.data iterator, so input order survives a restart).
+
+Verified restore. A step is one unit: the train state and the input position. Each save records, in the
+step's own `_CHECKPOINT_METADATA` (which orbax writes when it finalizes the step, so the record exists
+exactly when the step is complete), a digest: a checksum of every array of the state as it was in memory,
+the SHA-256 of this process's data_state files, and the SHA-256 of the signature. Restore tries the
+latest step first and accepts it only if the state restores, matches its digest and is finite, and its
+data state is there, matches and restores. A step that fails is skipped for the previous one; once a good
+step is found, every skipped step (and any step folder that orbax never finalized) is renamed aside to
+`<step>.skipped-<UTC time>` (orbax recognizes only all-digit step folders, so it ignores them and a later
+save of that step does not collide), with one printed line saying what and why. Nothing is deleted. No
+intact step at all: one error, and nothing is changed.
 """
 
 from __future__ import annotations
 
+import datetime
+import errno
+import hashlib
 import json
 import os
+import re
 from typing import Any, Optional
 
 import gin
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 import tensorflow as tf
 from absl import logging
@@ -28,6 +45,8 @@ from absl import logging
 from scaling_arch import errors
 
 SIGNATURE_FILE = "signature.json"
+DIGEST_KEY = "scaling_arch_digest"  # in custom_metadata of each step's _CHECKPOINT_METADATA
+SKIPPED_SUFFIX = ".skipped-"  # + UTC time; orbax lists only all-digit step folders, so it ignores these
 
 
 def model_signature(architecture: str, param_shapes, extra: Optional[dict] = None) -> dict:
@@ -50,6 +69,118 @@ def describe_difference(saved: dict, current: dict) -> str:
   return "no difference"
 
 
+def signature_hash(signature: dict) -> str:
+  return hashlib.sha256(json.dumps(signature, sort_keys=True).encode()).hexdigest()
+
+
+# ---- digests: what a step held when it was saved ---------------------------------------------------------
+def _leaf_checksum(x) -> jax.Array:
+  """Two position-weighted sums (mod 2**32) of the array's bits: any single changed bit changes both
+  (the weights are odd), and a swap of two elements changes them too. Independent of sharding."""
+  if x.dtype == jnp.bool_:
+    x = x.astype(jnp.uint8)
+  if x.dtype.itemsize >= 4:
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)  # 8-byte types gain a trailing dimension of 2
+  else:
+    bits = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16}[x.dtype.itemsize]).astype(jnp.uint32)
+  index = jnp.zeros(bits.shape, jnp.uint32)
+  stride = 1
+  for axis in reversed(range(bits.ndim)):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis) * jnp.uint32(stride % 2**32)
+    stride *= bits.shape[axis]
+  w1 = index * jnp.uint32(2) + jnp.uint32(1)
+  w2 = (index * jnp.uint32(0x9E3779B1)) | jnp.uint32(1)
+  return jnp.stack([jnp.sum(bits * w1, dtype=jnp.uint32), jnp.sum((bits ^ (bits >> 7)) * w2, dtype=jnp.uint32)])
+
+
+@jax.jit
+def _checksums_and_finite(tree):
+  leaves = jax.tree.leaves(tree)
+  finite = [jnp.all(jnp.isfinite(x)) for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return [_leaf_checksum(x) for x in leaves], (jnp.all(jnp.stack(finite)) if finite else jnp.bool_(True))
+
+
+def state_digest(state) -> tuple[dict[str, str], bool]:
+  """({array path: checksum}, whether every floating-point array is finite) of a (sharded) train state."""
+  sums, finite = jax.device_get(_checksums_and_finite(state))
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(state)]
+  return {p: "%08x%08x" % tuple(int(v) for v in s) for p, s in zip(paths, sums)}, bool(finite)
+
+
+def _sha256_file(path: str) -> str:
+  h = hashlib.sha256()
+  with tf.io.gfile.GFile(path, "rb") as f:
+    while chunk := f.read(1 << 22):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+# ---- disk full ---------------------------------------------------------------------------------------------
+_DISK_FULL_PHRASES = ("RESOURCE_EXHAUSTED", "No space left on device", "Disk quota exceeded")
+
+
+def disk_full_cause(exc: BaseException) -> Optional[str]:
+  """The line that says the disk (or quota) is full, if that is what `exc` (or an exception it was raised
+  from, or one it groups) comes down to; else None."""
+  seen, todo = set(), [exc]
+  while todo:
+    e = todo.pop()
+    if e is None or id(e) in seen:
+      continue
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+      return f"{errno.errorcode[e.errno]} ({os.strerror(e.errno)})" + (f" writing {e.filename}" if e.filename else "")
+    if isinstance(e, tf.errors.ResourceExhaustedError):
+      return _compact_cause("RESOURCE_EXHAUSTED: " + str(e.message))
+    for line in str(e).splitlines():
+      if any(p in line for p in _DISK_FULL_PHRASES):
+        return _compact_cause(line)
+    todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
+  return None
+
+
+def _compact_cause(line: str) -> str:
+  """'RESOURCE_EXHAUSTED: No space left on device (writing /path)' from a storage library's long line."""
+  words = [w for w in _DISK_FULL_PHRASES if w in line]
+  path = re.findall(r'"((?:/|[a-z0-9]+://)[^"]+)"', line)
+  return ": ".join(words) + (f" (writing {path[-1]})" if path else "") if words else " ".join(line.split())[:300]
+
+
+def quiet_disk_full_logs() -> None:
+  """Drops log records about a full disk (orbax's threads and asyncio log one traceback per array they
+  could not write: hundreds of lines); the entry point reports the cause once, in its error line."""
+  import logging as py_logging
+  handler = logging.get_absl_handler()
+  if any(isinstance(f, _DiskFullLogFilter) for f in handler.filters):
+    return
+
+  class Filter(_DiskFullLogFilter, py_logging.Filter):
+    pass
+  handler.addFilter(Filter())
+
+
+class _DiskFullLogFilter:
+  def filter(self, record) -> bool:
+    try:
+      if record.exc_info and record.exc_info[1] is not None and disk_full_cause(record.exc_info[1]):
+        return False
+      text = record.getMessage()
+      return not any(p in text for p in _DISK_FULL_PHRASES)
+    except Exception:  # pylint: disable=broad-except  (never let a filter break logging)
+      return True
+
+
+def _first_line(e: BaseException) -> str:
+  line = next((l.strip() for l in str(e).splitlines() if l.strip()), "")
+  line = line.split(" See full TensorStore details")[0]
+  line = line if len(line) <= 200 else line[:200] + "..."
+  return f"{type(e).__name__}: {line}" if line else type(e).__name__
+
+
+def _utc_stamp() -> str:
+  return datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
 @gin.configurable
 class CheckpointConfig:
   """How often to checkpoint and how many to keep (the final step is always saved)."""
@@ -69,6 +200,8 @@ class Checkpointer:
     self.config = config
     self.signature = signature
     self._manager: Optional[ocp.CheckpointManager] = None
+    self._signature_to_rewrite: Optional[str] = None  # why, when check_compatible found it damaged
+    quiet_disk_full_logs()
 
   # -- inspection (read-only: safe before anything is written) -------------------------------------------
   def existing_steps(self) -> list[int]:
@@ -81,18 +214,53 @@ class Checkpointer:
         steps.append(int(name))
     return sorted(steps)
 
+  def step_record(self, step: int) -> Optional[dict]:
+    """The digest this codebase recorded in step's _CHECKPOINT_METADATA; None if there is none (a step
+    saved before digests were recorded) or the file is unreadable."""
+    try:
+      with tf.io.gfile.GFile(os.path.join(self.directory, str(step), "_CHECKPOINT_METADATA")) as f:
+        return (json.load(f).get("custom_metadata") or {}).get(DIGEST_KEY)
+    except (ValueError, AttributeError, tf.errors.OpError):
+      return None
+
   def check_compatible(self) -> Optional[int]:
-    """The latest step to resume from, None if there is none; raises if it is another config's."""
+    """The latest step to resume from, None if there is none; raises if it is another config's.
+
+    A missing or damaged signature.json (the disk filled while it was written, say) is not the end: the
+    steps' own records carry the signature's hash. If they all match this configuration, the file is set
+    aside and rewritten at `prepare_restore`; without such records the run is refused (nothing changed)."""
+    self._signature_to_rewrite = None
     steps = self.existing_steps()
     if not steps:
       return None
     path = os.path.join(self.directory, SIGNATURE_FILE)
+    problem = None
     if not tf.io.gfile.exists(path):
-      raise errors.CheckpointMismatchError(
-          f"MODEL_DIR {self.model_dir} holds checkpoints {steps} but no {SIGNATURE_FILE}, so it cannot be "
-          "told whether they belong to this configuration. Use a new MODEL_DIR.")
-    with tf.io.gfile.GFile(path) as f:
-      saved = json.load(f)
+      problem = "missing"
+    else:
+      try:
+        with tf.io.gfile.GFile(path) as f:
+          saved = json.load(f)
+        if not isinstance(saved, dict):
+          problem = f"damaged (a JSON {type(saved).__name__}, not an object)"
+      except (ValueError, UnicodeDecodeError) as e:
+        problem = f"damaged (not valid JSON: {str(e).splitlines()[0][:120]})"
+    if problem:
+      recorded = {s: (self.step_record(s) or {}).get("signature_sha256") for s in steps}
+      recorded = {s: h for s, h in recorded.items() if h}
+      if recorded and all(h == signature_hash(self.signature) for h in recorded.values()):
+        self._signature_to_rewrite = problem
+        return steps[-1]
+      if recorded:
+        raise errors.CheckpointMismatchError(
+            f"MODEL_DIR {self.model_dir} holds checkpoints {steps} of a different configuration (their "
+            f"records' signature differs from this one's; {SIGNATURE_FILE} is {problem}). Nothing was "
+            "changed. Use a new MODEL_DIR for this configuration, or rerun with the one that wrote them.")
+      raise errors.CheckpointDamagedError(
+          f"MODEL_DIR {self.model_dir} holds checkpoints {steps} but its {SIGNATURE_FILE}, the record of which "
+          f"configuration wrote them, is {problem}, and the checkpoints carry no record of their own, so it "
+          "cannot be told whether they belong to this configuration. Nothing was changed. Use a new "
+          f"MODEL_DIR, or restore {path} from a copy.")
     if saved != self.signature:
       raise errors.CheckpointMismatchError(
           f"MODEL_DIR {self.model_dir} holds a checkpoint (step {steps[-1]}) of a different configuration "
@@ -110,17 +278,24 @@ class Checkpointer:
     return self._manager
 
   def save(self, step: int, state, data_iterator=None) -> None:
+    """Writes the data state, then has orbax save the train state with the step's digest in its
+    _CHECKPOINT_METADATA (written when orbax finalizes the step: the commit of the whole unit)."""
     if jax.process_index() == 0:
       path = os.path.join(self.directory, SIGNATURE_FILE)
       if not tf.io.gfile.exists(path):
         tf.io.gfile.makedirs(self.directory)
         with tf.io.gfile.GFile(path, "w") as f:
           json.dump(self.signature, f, indent=1, sort_keys=True)
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True)
+    data_files = {}
     if data_iterator is not None:
       prefix = self._data_prefix(step)
       tf.io.gfile.makedirs(os.path.dirname(prefix))
       tf.train.Checkpoint(iterator=data_iterator).write(prefix)
+      data_files = self._data_file_digests(step)
+    arrays, _ = state_digest(state)
+    record = {"state": arrays, "data_state": data_files, "signature_sha256": signature_hash(self.signature)}
+    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True,
+                      custom_metadata={DIGEST_KEY: record})
     self._prune_data_states()
 
   def wait(self) -> None:
@@ -133,18 +308,145 @@ class Checkpointer:
       self._manager.close()
       self._manager = None
 
+  def abandon(self) -> None:
+    """Closes after a failure that is already being reported: a pending save's own error (the same full
+    disk, typically) is logged, not raised over the first one."""
+    manager, self._manager = self._manager, None
+    if manager is not None:
+      try:
+        manager.wait_until_finished()
+        manager.close()
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning("While closing the checkpoint manager after a failure: %s", _first_line(e))
+
   # -- restoring -------------------------------------------------------------------------------------
   def restore(self, step: int, abstract_state, data_iterator=None):
-    restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-    state = restored["state"]
+    """The train state of `step` (and the input position into `data_iterator`), unverified: for
+    INITIAL_CHECKPOINT. Reads the step folder directly, so no manager lists this directory's steps."""
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+      state = checkpointer.restore(os.path.join(self.directory, str(step), "state"), abstract_state)
+    finally:
+      checkpointer.close()
     if data_iterator is not None:
-      prefix = self._data_prefix(step)
-      if tf.io.gfile.exists(prefix + ".index"):
-        tf.train.Checkpoint(iterator=data_iterator).read(prefix).assert_consumed()
-      else:
-        logging.warning("No data iterator state for step %d: the input pipeline restarts from its "
-                        "beginning.", step)
+      tf.train.Checkpoint(iterator=data_iterator).read(self._data_prefix(step)).assert_consumed()
     return state
+
+  def _check_step(self, step: int, abstract_state, data_iterator) -> tuple[Optional[str], Any]:
+    """(None, state) if `step` restores intact, else (why not, None). Restores the input position
+    into `data_iterator` only for an intact step."""
+    record = self.step_record(step)
+    prefix = self._data_prefix(step)
+    if data_iterator is not None and not tf.io.gfile.exists(prefix + ".index"):
+      return (f"its input position (data_state/{step}/{os.path.basename(prefix)}.*) is missing, and parameters "
+              "without it would restart the data order"), None
+    if record is not None and not self._signature_ok(record):
+      return "its record names another configuration's signature", None
+    try:
+      checkpointer = ocp.StandardCheckpointer()
+      try:
+        state = checkpointer.restore(os.path.join(self.directory, str(step), "state"), abstract_state)
+      finally:
+        checkpointer.close()
+    except Exception as e:  # pylint: disable=broad-except  (whatever orbax / tensorstore raise)
+      return f"it cannot be read ({_first_line(e)})", None
+    arrays, finite = state_digest(state)
+    if record is not None:
+      differ = sorted(k for k in set(arrays) | set(record.get("state", {})) if arrays.get(k) != record["state"].get(k))
+      if differ:
+        return (f"its contents do not match the digest recorded when it was saved ({len(differ)} of "
+                f"{len(arrays)} arrays differ, e.g. {differ[0]})"), None
+    if not finite:
+      return "it holds non-finite values (NaN or Inf)", None
+    if data_iterator is not None:
+      own = os.path.basename(prefix) + "."  # the record holds the files of the process that wrote it (0)
+      expected = {n: h for n, h in ((record or {}).get("data_state") or {}).items() if n.startswith(own)}
+      try:
+        actual = self._data_file_digests(step, names=expected or None)
+      except tf.errors.OpError as e:
+        return f"its input position cannot be read ({_first_line(e)})", None
+      if expected and actual != expected:
+        return "its input position (data_state) does not match the digest recorded when it was saved", None
+      try:
+        tf.train.Checkpoint(iterator=data_iterator).read(prefix).assert_consumed()
+      except Exception as e:  # pylint: disable=broad-except
+        return f"its input position cannot be restored ({_first_line(e)})", None
+    return None, state
+
+  def _signature_ok(self, record: dict) -> bool:
+    return record.get("signature_sha256") in (None, signature_hash(self.signature))
+
+  def prepare_restore(self, abstract_state, data_iterator=None) -> tuple[Optional[int], Any, Optional[str]]:
+    """(step, state, note): the latest intact step and its state (the input position restored into
+    `data_iterator`), or (None, None, note) when there is no step. Only if a usable step is found (or
+    there is none at all) is anything written: skipped steps, unfinished step folders and a damaged
+    signature.json are renamed aside, and `note` is the one line that says so (None if nothing was).
+    Raises CheckpointDamagedError, changing nothing, if steps exist but none is intact."""
+    steps = self.existing_steps()
+    skipped: list[tuple[int, str]] = []
+    found, state = None, None
+    for step in reversed(steps):
+      reason, state = self._check_step(step, abstract_state, data_iterator)
+      if _all_processes_agree(reason is None):
+        found = step
+        break
+      skipped.append((step, reason or "another process could not restore its part"))
+    if steps and found is None:
+      raise errors.CheckpointDamagedError(
+          f"No intact checkpoint in {self.directory}: " +
+          "; ".join(f"step {s}: {r}" for s, r in skipped) +
+          ". Nothing was changed. To train this configuration from scratch use a new MODEL_DIR (or move "
+          "this one's checkpoints/ and data_state/ aside).")
+    unfinished = [(s, "its save never finished (no _CHECKPOINT_METADATA)") for s in self._unfinished_steps()]
+    note = self._set_aside(skipped + unfinished, found)
+    return found, state, note
+
+  def _unfinished_steps(self) -> list[int]:
+    """Step folders orbax would count as steps (and so refuse to save again) that were never finalized."""
+    if not tf.io.gfile.isdir(self.directory):
+      return []
+    return sorted(int(n.rstrip("/")) for n in tf.io.gfile.listdir(self.directory)
+                  if n.rstrip("/").isdigit() and not tf.io.gfile.exists(
+                      os.path.join(self.directory, n.rstrip("/"), "_CHECKPOINT_METADATA")))
+
+  def _set_aside(self, steps: list[tuple[int, str]], found: Optional[int]) -> Optional[str]:
+    if not steps and not self._signature_to_rewrite:
+      return None
+    suffix = SKIPPED_SUFFIX + _utc_stamp()
+    parts = []
+    if jax.process_index() == 0:
+      for step, reason in steps:
+        moved = []
+        for root in (self.directory, os.path.join(self.model_dir, "data_state")):
+          path = os.path.join(root, str(step))
+          if tf.io.gfile.exists(path):
+            _rename_dir(path, path + suffix)
+            moved.append(os.path.relpath(path + suffix, self.model_dir))
+        parts.append(f"step {step} ({reason}; moved to {' and '.join(moved)})")
+      if self._signature_to_rewrite:
+        path = os.path.join(self.directory, SIGNATURE_FILE)
+        if tf.io.gfile.exists(path):
+          tf.io.gfile.rename(path, path + suffix)
+        with tf.io.gfile.GFile(path, "w") as f:
+          json.dump(self.signature, f, indent=1, sort_keys=True)
+        parts.append(f"{SIGNATURE_FILE} was {self._signature_to_rewrite}; the steps' own records show they "
+                     "belong to this configuration, so it was rewritten" +
+                     (f" (the old one kept as {SIGNATURE_FILE}{suffix})" if "missing" not in
+                      self._signature_to_rewrite else ""))
+        self._signature_to_rewrite = None
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("scaling_arch: checkpoints set aside")
+    where = f"resuming from step {found}" if found is not None else "no step left to resume from"
+    return f"warning: checkpoint {'; '.join(parts)}; {where}." if parts else None
+
+  def _data_file_digests(self, step: int, names=None) -> dict[str, str]:
+    """{file name: SHA-256} of this process's data_state files of `step` (only `names`, if given)."""
+    prefix = self._data_prefix(step)
+    folder, base = os.path.dirname(prefix), os.path.basename(prefix)
+    if names is None:
+      names = sorted(n for n in tf.io.gfile.listdir(folder) if n.startswith(base + "."))
+    return {n: _sha256_file(os.path.join(folder, n)) for n in names}
 
   def _data_prefix(self, step: int) -> str:
     return os.path.join(self.model_dir, "data_state", str(step),
@@ -162,6 +464,31 @@ class Checkpointer:
         # Only prune states older than every kept checkpoint (a newer one may be mid-save).
         if int(name) < min(keep):
           tf.io.gfile.rmtree(os.path.join(root, name))
+
+
+def _rename_dir(source: str, target: str) -> None:
+  """Renames a folder; where the file system cannot rename folders (object stores), copies it file by
+  file, then removes the source."""
+  try:
+    tf.io.gfile.rename(source, target)
+    return
+  except (tf.errors.UnimplementedError, tf.errors.FailedPreconditionError):
+    if "://" not in source:
+      raise
+  for folder, _, files in tf.io.gfile.walk(source):
+    rel = os.path.relpath(folder, source)
+    tf.io.gfile.makedirs(os.path.normpath(os.path.join(target, rel)))
+    for name in files:
+      tf.io.gfile.copy(os.path.join(folder, name), os.path.normpath(os.path.join(target, rel, name)))
+  tf.io.gfile.rmtree(source)
+
+
+def _all_processes_agree(ok: bool) -> bool:
+  """Whether `ok` holds on every process (all of them must restore the same step)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
 
 
 # What must agree for a checkpoint's parameters to initialize a model (dropout, activation dtype, remat

@@ -27,3 +27,15 @@ class CheckpointMismatchError(UserError):
 
 class NonFiniteLossError(UserError):
   """Training produced a NaN or Inf loss; the last good checkpoint is kept."""
+
+
+class CheckpointDamagedError(UserError):
+  """No checkpoint step in MODEL_DIR can be restored intact (or its signature.json is unreadable)."""
+
+
+class ModelDirLockedError(UserError):
+  """Another trainer holds MODEL_DIR's lock."""
+
+
+class DiskFullError(UserError):
+  """A write failed because the disk (or quota) is full: RESOURCE_EXHAUSTED / ENOSPC."""

@@ -3,6 +3,7 @@ turning gin's exceptions into one readable message."""
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from typing import Sequence
@@ -70,6 +71,51 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str], *, finalize: bool =
     raise
   except (ValueError, KeyError, SyntaxError, ImportError, TypeError, IOError) as e:
     raise errors.ConfigError(f"Gin configuration error: {_explain(e)}") from None
+
+
+_MACRO_BINDING = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*=")
+
+
+def _macro_names_in(value, out: set) -> set:
+  """Adds the names of the macros `value` (a bound value, possibly nested in containers) refers to."""
+  if isinstance(value, gin.config.ConfigurableReference):
+    if value.selector == "gin.macro":
+      out.add(value.scoped_selector.rsplit("/", 1)[0])
+  elif isinstance(value, dict):
+    for k, v in value.items():
+      _macro_names_in(k, out)
+      _macro_names_in(v, out)
+  elif isinstance(value, (list, tuple, set, frozenset)):
+    for v in value:
+      _macro_names_in(v, out)
+  return out
+
+
+def unreferenced_macros(bindings: Sequence[str]) -> list[str]:
+  """The macros that `bindings` (`NAME = VALUE` lines) bind but that no binding of the parsed
+  configuration refers to (`%NAME`): on the command line, almost always a misspelt name."""
+  bound = {m.group(1) for m in map(_MACRO_BINDING.match, bindings) if m}
+  referenced: set = set()
+  for values in gin.config._CONFIG.values():  # pylint: disable=protected-access  (gin has no public walk)
+    _macro_names_in(values, referenced)
+  return sorted(bound - referenced)
+
+
+def check_macros_referenced(bindings: Sequence[str]) -> None:
+  """Raises ConfigError naming every macro bound by `bindings` that nothing references, with the
+  closest known macro as a suggestion (`--gin.TRAIN_STEPZ=5` would otherwise be silently ignored)."""
+  unused = unreferenced_macros(bindings)
+  if not unused:
+    return
+  known = sorted({scope for scope, selector in gin.config._CONFIG if selector == "gin.macro"} - set(unused))  # pylint: disable=protected-access
+  parts = []
+  for name in unused:
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    parts.append(f"{name}" + (f" (did you mean {close[0]}?)" if close else ""))
+  raise errors.ConfigError(
+      f"Gin configuration error: the macro{'s' if len(parts) > 1 else ''} {', '.join(parts)} "
+      f"{'are' if len(parts) > 1 else 'is'} bound but nothing in the configuration uses "
+      f"{'them' if len(parts) > 1 else 'it'}; check the spelling (each gin file's header lists its macros).")
 
 
 def call_configured(fn, *args, **kwargs):
