@@ -69,5 +69,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8,<10", "pytest-timeout>=2.2,<3", "pytest-xdist>=3.5,<4"],
+        # The TPU compiler and runtime (libtpu), at the version the installed jax names in its own `tpu`
+        # extra: `python -m launch plan` compiles for TPU slices on a CPU with it; TPU VMs run with it.
+        "tpu": ["jax[tpu]>=0.10.2,<0.11"],
     },
 )

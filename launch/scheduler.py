@@ -63,6 +63,9 @@ class Backend:
   def dry_run_finish(self) -> list[str]:
     return []
 
+  def check(self, runs: Sequence[Run], out: Callable[[str], None]) -> None:
+    """Before anything is written or created: refuse (LaunchError) what cannot work (tpu_vm: the plan)."""
+
   def prepare(self, out: Callable[[str], None]) -> None:
     """Before the first stage starts (e.g. create the TPU VMs)."""
 
@@ -206,6 +209,7 @@ class Scheduler:
     self._signals.append(signum)  # reported by the loop: printing here could re-enter a print
 
   def run(self) -> int:
+    self.backend.check(self.runs, self.out)
     check_specs(self.stages)
     os.makedirs(self.state.path, exist_ok=True)
     self._check_no_leftovers()

@@ -335,6 +335,15 @@ class TpuVm(Backend):
     vm = self.vms[0] if self.slots == 1 else f"{self.name_prefix}-<free VM of {self.slots}>"
     return [shlex.join(self.train_command(vm, stage, initial_checkpoint))]
 
+  skip_plan = False  # the command line's --skip-plan
+
+  def check(self, runs: Sequence[Run], out: Callable[[str], None]) -> None:
+    """Plans the selected runs for the slice (launch/plan.py, cached) and refuses a grid that does not
+    fit, before any VM exists."""
+    if not self.skip_plan:
+      from launch import plan
+      plan.check_before_launch(runs, self.accelerator_type, out)
+
   def prepare(self, out: Callable[[str], None]) -> None:
     os.makedirs(self.log_dir, exist_ok=True)
     if not self.repo_url and _uncommitted(self.ship_paths):

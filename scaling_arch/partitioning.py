@@ -40,6 +40,29 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("unmodeled", None),
 )
 
+# Alternative rule sets, each the table above with a few rows changed (so there is still one table),
+# selected with `partitioning.Partitioner.rules` (e.g. gin/meshes/fully_sharded.gin):
+# - 'default': parameters and optimizer state are replicated over `data` (split over `model` / `expert`).
+# - 'fully_sharded': as T5X's and MaxText's fsdp rules, parameters (and so their gradients and optimizer
+#   state) also split their `embed` dimension over `data`; XLA gathers each layer's weights just before
+#   use. Activations keep their sharding: `batch` precedes `embed` in the table, so an activation's batch
+#   dimension takes `data` first and its embed dimension stays whole. Costs an all-gather of the weights
+#   per step (and a reduce-scatter of the gradients instead of an all-reduce); saves HBM at xl.
+RULE_SETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "fully_sharded": {"embed": "data"},
+}
+
+
+def logical_axis_rules(rule_set: str = "default") -> tuple[tuple[str, Any], ...]:
+  """The table with the rows of the named rule set replaced."""
+  if rule_set not in RULE_SETS:
+    raise errors.MeshError(f"partitioning.Partitioner.rules = {rule_set!r}; use one of "
+                           f"{', '.join(map(repr, RULE_SETS))}.")
+  changes = RULE_SETS[rule_set]
+  return tuple((name, changes.get(name, physical)) for name, physical in LOGICAL_AXIS_RULES)
+
+
 # Logical axes that stack copies of a parameter (scanned layers, experts): Adafactor treats them as
 # batch dimensions, never as one of the two factored dimensions.
 STACKED_AXES = ("layers", "expert")
@@ -100,10 +123,13 @@ class Partitioner:
   Attributes:
     mesh_shape: sizes of the mesh axes, in the order of `axis_names`; one entry may be -1.
     axis_names: names of the mesh axes, a subset of MESH_AXES.
+    rules: the rule set of the logical-axis table ('default' or 'fully_sharded'; see RULE_SETS).
+    devices: the devices of the mesh (default: jax.devices()); e.g. a TPU topology's compile-only
+      devices for planning on a machine without TPUs (launch/plan.py).
   """
 
   def __init__(self, mesh_shape: Sequence[int] = (-1, 1), axis_names: Sequence[str] = ("data", "model"),
-               devices: Sequence[Any] | None = None):
+               devices: Sequence[Any] | None = None, rules: str = "default"):
     axis_names = tuple(axis_names)
     unknown = [a for a in axis_names if a not in MESH_AXES]
     if unknown or len(axis_names) != len(mesh_shape):
@@ -115,9 +141,10 @@ class Partitioner:
     if devices == jax.devices():
       self.mesh = jax.make_mesh(shape, axis_names, axis_types=(AxisType.Auto,) * len(shape))
     else:
-      self.mesh = jax.sharding.Mesh(np.asarray(devices).reshape(shape), axis_names,
-                                    axis_types=(AxisType.Auto,) * len(shape))
-    self.rules = rules_for_mesh(self.mesh)
+      # jax.make_mesh lays the axes out along the devices' physical topology (TPU slices too).
+      self.mesh = jax.make_mesh(shape, axis_names, axis_types=(AxisType.Auto,) * len(shape), devices=devices)
+    self.rule_set = rules
+    self.rules = rules_for_mesh(self.mesh, logical_axis_rules(rules))
 
   # -- shardings ---------------------------------------------------------------------------------------
   def logical_sharding(self, logical_axes: Sequence[str | None]) -> NamedSharding:

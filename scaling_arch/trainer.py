@@ -230,18 +230,21 @@ class Trainer:
         self._compiled_train_step = self._train_step.lower(self.abstract_state, batch).compile()
     return self._compiled_train_step
 
+  def lowered_unrolled_train_step(self):
+    """The train step lowered (not compiled) with layer and microbatch scans unrolled, for cost analysis."""
+    batch = {k: jax.ShapeDtypeStruct(v, jnp.int32, sharding=self.batch_shardings[k])
+             for k, v in self.batch_shapes.items()}
+    with self.mesh_context(), transformer.unrolled_scans():
+      # A fresh function, so no trace cached outside the context is reused.
+      return jax.jit(lambda s, b: self._train_step_impl(s, b)).lower(self.abstract_state, batch)
+
   def flops_per_step(self) -> float:
     """FLOPs of one train step over all devices, from XLA's cost analysis of the step.
 
     The analysis runs on the step as lowered for the whole mesh (before partitioning, so it is the
     global count) with layer and microbatch scans unrolled, because XLA counts a loop body only once.
     """
-    batch = {k: jax.ShapeDtypeStruct(v, jnp.int32, sharding=self.batch_shardings[k])
-             for k, v in self.batch_shapes.items()}
-    with self.mesh_context(), transformer.unrolled_scans():
-      # A fresh function, so no trace cached outside the context is reused.
-      lowered = jax.jit(lambda s, b: self._train_step_impl(s, b)).lower(self.abstract_state, batch)
-    analysis = lowered.cost_analysis()
+    analysis = self.lowered_unrolled_train_step().cost_analysis()
     if isinstance(analysis, (list, tuple)):
       analysis = analysis[0] if analysis else {}
     return float((analysis or {}).get("flops", 0.0))

@@ -493,7 +493,7 @@ def fake_gcloud(tmp_path, monkeypatch):
 
 def _tpu_args(tmp_path, *extra):
   return ["--backend=tpu_vm", "--only", KILL_RUN, f"--gin.EXPERIMENT_ROOT='{tmp_path}/experiment'",
-          "--gin.launch.TpuVm.repo_url='https://example.com/scaling-arch.git'", *extra]
+          "--gin.launch.TpuVm.repo_url='https://example.com/scaling-arch.git'", "--skip-plan", *extra]
 
 
 def test_tpu_vm_backend_creates_runs_on_every_worker_and_deletes(tmp_path, fake_gcloud):
