@@ -7,6 +7,9 @@ document; documents are cut into paragraphs (wrapped lines joined), written one 
 Every 20th document goes to the validation split (about 4% of the text), so no document is split
 across train and validation. The files are built once into the cache folder and reused; the content
 depends only on the Python version, whose tag is in the path.
+
+This is the `cpython` corpus, the default. `corpus='packages'` selects the bigger corpus of
+tasks/package_corpus.py (this one plus the prose of the installed packages).
 """
 
 import ast
@@ -19,6 +22,7 @@ from scaling_arch.errors import DataError
 from tasks import cache
 
 VERSION = 'v1'
+CORPORA = ('cpython', 'packages')  # the offline corpora by name; the first is the default
 VALIDATION_EVERY = 20  # document i goes to validation when i % 20 == 19
 MIN_WORDS = 20  # shorter docstrings are mostly one-liners like "Return x."
 MAX_CHARS = 4000  # longer help topics are cut into documents of about this size, for an even split
@@ -37,12 +41,19 @@ MODULES = (
 _SKIP_DIRS = {'test', 'tests', 'idle_test', '__pycache__'}
 
 
-def corpus_files(cache_dir: str | None = None) -> dict[str, str]:
+def corpus_files(cache_dir: str | None = None, corpus: str = 'cpython') -> dict[str, str]:
   """Returns `{'train': path, 'validation': path}`, building the corpus on first use.
 
   Args:
     cache_dir: folder for the files; `tasks.cache.cache_dir()` when None.
+    corpus: one of `CORPORA`: 'cpython' (this module) or 'packages' (tasks/package_corpus.py).
   """
+  if corpus == 'packages':
+    from tasks import package_corpus  # pylint: disable=g-import-not-at-top
+    files = package_corpus.corpus_files(cache_dir)
+    return {split: files[split] for split in ('train', 'validation')}
+  if corpus != 'cpython':
+    raise DataError(f"Unknown offline corpus {corpus!r}; known corpora: {', '.join(CORPORA)}.")
   folder = os.path.join(cache_dir or cache.cache_dir(), 'offline_corpus',
                         f'{VERSION}-py{sys.version_info[0]}.{sys.version_info[1]}')
   paths = {split: os.path.join(folder, f'{split}.txt') for split in ('train', 'validation')}

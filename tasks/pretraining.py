@@ -11,6 +11,7 @@ Tasks register in `seqio.TaskRegistry` under a name that carries a short hash of
 import functools
 import hashlib
 
+import gin
 import seqio
 from t5.data import preprocessors as t5_preprocessors
 
@@ -53,9 +54,15 @@ def c4_span_corruption_task(vocabulary, tfds_name: str = 'c4/en:3.1.0',
   return _register('c4_span_corruption', source, vocabulary, tfds_name, tfds_data_dir)
 
 
-def offline_span_corruption_task(vocabulary, cache_dir: str | None = None) -> seqio.Task:
-  """Span corruption on the offline corpus (one paragraph per line), building it if needed."""
-  files = offline_corpus.corpus_files(cache_dir)
+@gin.configurable
+def offline_span_corruption_task(vocabulary, cache_dir: str | None = None,
+                                 corpus: str = 'cpython') -> seqio.Task:
+  """Span corruption on an offline corpus (one paragraph per line), building it if needed.
+
+  `corpus` is one of `offline_corpus.CORPORA`; a study selects the bigger one with the gin binding
+  `offline_span_corruption_task.corpus = 'packages'`.
+  """
+  files = offline_corpus.corpus_files(cache_dir, corpus)
   source = seqio.TextLineDataSource(split_to_filepattern={s: files[s] for s in SPLITS})
   return _register('offline_span_corruption', source, vocabulary, files['train'], files['validation'],
                    first=[_line_to_text])

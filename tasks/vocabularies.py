@@ -8,6 +8,7 @@ import fcntl
 import io
 import os
 
+import gin
 import seqio
 import sentencepiece as spm
 import tensorflow as tf
@@ -34,22 +35,27 @@ def sentencepiece_vocabulary(path: str, extra_ids: int = 100) -> seqio.SentenceP
   return seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
 
 
-def offline_vocabulary(vocab_size: int = 4000, extra_ids: int = 100,
-                       cache_dir: str | None = None) -> seqio.SentencePieceVocabulary:
+@gin.configurable
+def offline_vocabulary(vocab_size: int = 4000, extra_ids: int = 100, cache_dir: str | None = None,
+                       corpus: str = 'cpython') -> seqio.SentencePieceVocabulary:
   """Returns a unigram SentencePiece vocabulary trained on the offline corpus (train split).
 
-  Trained at first use into `<cache>/vocab/offline_spm_<vocab_size>.model` and reused afterwards.
+  Trained at first use into `<cache>/vocab/offline_spm_<vocab_size>.model` and reused afterwards; a
+  vocabulary of another offline corpus (gin: `offline_vocabulary.corpus = 'packages'`) goes to
+  `offline_spm_<vocab_size>_<corpus folder>.model`.
   Processes that start at once serialize on a lock file (the later ones find the model done); the
   model is written to a temporary file and moved into place, so no reader sees a partial model.
   """
   folder = os.path.join(cache_dir or cache.cache_dir(), 'vocab')
-  model = os.path.join(folder, f'offline_spm_{vocab_size}.model')
+  files = offline_corpus.corpus_files(cache_dir, corpus) if corpus != 'cpython' else None
+  suffix = f'_{os.path.basename(os.path.dirname(files["train"]))}' if files else ''
+  model = os.path.join(folder, f'offline_spm_{vocab_size}{suffix}.model')
   if not os.path.exists(model):
     os.makedirs(folder, exist_ok=True)
     with open(model + '.lock', 'w') as lock:
       fcntl.flock(lock, fcntl.LOCK_EX)
       if not os.path.exists(model):  # another process may have trained it while we waited
-        _train(offline_corpus.corpus_files(cache_dir)['train'], model, vocab_size)
+        _train((files or offline_corpus.corpus_files(cache_dir))['train'], model, vocab_size)
   return seqio.SentencePieceVocabulary(model, extra_ids=extra_ids)
 
 
