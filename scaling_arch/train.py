@@ -14,15 +14,21 @@ if __name__ == "__main__":
   # `python -m scaling_arch.train` runs this file as `__main__`, while other modules (gin_utils, benchmark)
   # import it as `scaling_arch.train`. Run the CLI from that one module object, so its absl flags and gin
   # configurables are registered once (a second copy raises DuplicateFlagError or makes `train` ambiguous).
+  from scaling_arch import runtime_env
+  runtime_env.start()  # before JAX and TensorFlow: huge-page malloc, quiet libraries (runtime_env.py)
   from scaling_arch import train as _package_module
   _package_module.cli()  # exits
 
 import contextlib
+import functools
 import hashlib
+import json
 import os
 import re
 import signal
+import socket
 import sys
+import threading
 import time
 from typing import Any, Callable, Optional, Sequence
 
@@ -36,6 +42,7 @@ from scaling_arch import checkpoints as checkpoints_lib
 from scaling_arch import errors, gin_utils
 from scaling_arch import evaluate as evaluate_lib  # noqa: F401  (registers InferenceEvaluator, decoding)
 from scaling_arch import metrics as metrics_lib
+from scaling_arch import model_dir_lock
 from scaling_arch import models as models_lib
 from scaling_arch import optimizers, partitioning  # noqa: F401  (registers configurables)
 from scaling_arch import trainer as trainer_lib
@@ -48,11 +55,23 @@ FEATURE_LENGTH_KEYS = {"inputs": ("encoder_input_tokens", "encoder_segment_ids",
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop checks after each step."""
+  """SIGTERM, honoured within seconds wherever it lands.
+
+  Once this invocation has trained a step (there is something new to save), SIGTERM is a flag that the
+  loop checks after each step and each evaluation batch: it then saves and exits with 143. Before that
+  (start-up, restore, the step-0 evaluation, the first compilation) there is nothing to save, and the main
+  thread may sit for a minute inside a C++ compilation where no Python signal handler runs; so a watchdog
+  thread, woken through `signal.set_wakeup_fd` (written by the C-level handler, whatever the main thread
+  does), ends the process at once with 143, after marking run.json "preempted" if this invocation wrote it.
+  """
 
   def __init__(self):
     self.requested = False
+    self.nothing_to_save = True  # until the first step of this invocation has finished
+    self.model_dir: Optional[str] = None  # set once this invocation has written run.json
     self._previous = None
+    self._previous_fd = None
+    self._sockets = None
 
   def install(self):
     def handler(signum, frame):
@@ -60,12 +79,66 @@ class _Preemption:
       self.requested = True
     try:
       self._previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
+    except ValueError:  # not the main thread: no handler, no watchdog
       self._previous = None
+      return
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    self._previous_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    self._sockets = (reader, writer)
+    threading.Thread(target=self._watch, args=(reader,), name="sigterm-watchdog", daemon=True).start()
+
+  def _watch(self, reader) -> None:
+    while True:
+      try:
+        data = reader.recv(64)
+      except OSError:
+        return
+      if not data:
+        return  # uninstalled
+      if signal.SIGTERM not in data:
+        continue
+      self.requested = True
+      if not self.nothing_to_save:
+        continue  # the training loop saves and exits
+      try:
+        if self.model_dir is not None:
+          metrics_lib.update_run_record(self.model_dir, status="preempted")
+      finally:
+        print("SIGTERM received before this run trained a step: nothing new to save; exiting. Run the same "
+              "command again to resume.", file=sys.stderr, flush=True)
+        os._exit(128 + signal.SIGTERM)  # pylint: disable=protected-access
 
   def uninstall(self):
     if self._previous is not None:
+      signal.set_wakeup_fd(self._previous_fd if self._previous_fd is not None else -1)
       signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+    if self._sockets is not None:
+      self._sockets[1].close()  # the watchdog reads end-of-file and returns
+      self._sockets = None
+
+
+_ACTIVE_PREEMPTION: list[_Preemption] = []
+
+
+def _with_preemption(fn):
+  """Runs `fn` with a `_Preemption` installed from its first line to its last (see `_active_preemption`)."""
+  @functools.wraps(fn)
+  def wrapper(*args, **kwargs):
+    preemption = _Preemption()
+    preemption.install()
+    _ACTIVE_PREEMPTION.append(preemption)
+    try:
+      return fn(*args, **kwargs)
+    finally:
+      _ACTIVE_PREEMPTION.pop()
+      preemption.uninstall()
+  return wrapper
+
+
+def _active_preemption() -> _Preemption:
+  return _ACTIVE_PREEMPTION[-1] if _ACTIVE_PREEMPTION else _Preemption()
 
 
 class Preempted(Exception):
@@ -105,7 +178,76 @@ def _all_finite(tree) -> bool:
   return bool(jax.device_get(_all_finite_impl(tree)))
 
 
+def write_config_once(model_dir: str) -> None:
+  """Writes MODEL_DIR/config.gin, the operative configuration, unless the run already has one: it is
+  written once per run (after its first step, when every configurable has been called) and never
+  replaced, so it keeps describing how the run was started."""
+  import tensorflow as tf
+  path = os.path.join(model_dir, "config.gin")
+  if jax.process_index() != 0 or tf.io.gfile.exists(path):
+    return
+  with tf.io.gfile.GFile(path + ".tmp", "w") as f:
+    f.write(gin.operative_config_str())
+  tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+
+
+def completed_run(model_dir: str, train_steps: int, signature: dict) -> Optional[dict]:
+  """The run record of MODEL_DIR if it holds a complete run of this configuration that reached
+  `train_steps`, else None; reads only. (A complete run of another configuration is left to the
+  checkpointer's refusal.)"""
+  import tensorflow as tf
+  record = metrics_lib.read_run_record(model_dir)
+  if record.get("status") != "complete" or int(record.get("step", -1)) < train_steps:
+    return None
+  path = os.path.join(model_dir, "checkpoints", checkpoints_lib.SIGNATURE_FILE)
+  if tf.io.gfile.exists(path):
+    with tf.io.gfile.GFile(path) as f:
+      if json.load(f) != signature:
+        return None
+  return record
+
+
+def check_model_dir(model_dir: str) -> None:
+  """Raises a ConfigError unless MODEL_DIR is a writable directory or can be created as one; writes
+  nothing. Object stores (gs://...) are checked by their first write. A directory without any write
+  permission bit counts as read-only even for root (who could write to it), as its owner meant."""
+  if not model_dir:
+    raise errors.ConfigError("MODEL_DIR is empty; set --gin.MODEL_DIR=\"'/path/to/run'\".")
+  if "://" in model_dir:
+    return
+  path = os.path.abspath(model_dir)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise errors.ConfigError(f"MODEL_DIR {model_dir} is a file, not a directory; give a directory path "
+                             "(it is created if missing).")
+  existing = path
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise errors.ConfigError(f"MODEL_DIR {model_dir} cannot be created: {existing} is a file.")
+  if not os.access(existing, os.W_OK | os.X_OK) or not os.stat(existing).st_mode & 0o222:
+    what = "is not writable" if existing == path else f"cannot be created: {existing} is not writable"
+    raise errors.ConfigError(f"MODEL_DIR {model_dir} {what}; give a writable directory, or fix its "
+                             "permissions.")
+
+
+def _disk_full(model_dir: str, checkpointer, cause: str, last_good: Optional[int]) -> errors.DiskFullError:
+  """Marks the run failed (if there is room even for that) and says why in one line. The pending save
+  is abandoned first, so that its own errors (the same full disk) are not raised over this one."""
+  checkpointer.abandon()
+  try:
+    metrics_lib.update_run_record(model_dir, status="failed_disk_full")
+    marked = "run.json is marked failed_disk_full"
+  except Exception:  # pylint: disable=broad-except  (no room even for run.json)
+    marked = "run.json could not be marked failed either"
+  kept = f"step {last_good}" if last_good is not None else "none"
+  return errors.DiskFullError(
+      f"the disk of MODEL_DIR {model_dir} is full ({marked}; the last good checkpoint, {kept}, is kept). "
+      "Free space there (or raise the quota) and rerun the same command to resume. Cause: " + cause)
+
+
 @gin.configurable(denylist=["model_dir_override"])
+@_with_preemption
+@model_dir_lock.releasing
 def train(*,
           model_dir: str = gin.REQUIRED,
           architecture: str = gin.REQUIRED,
@@ -153,16 +295,22 @@ def train(*,
       restarts and for splitting a long run into jobs.
   """
   model_dir = model_dir_override or model_dir
+  check_model_dir(model_dir)  # first: a MODEL_DIR that cannot be written must not cost a compilation
   checkpoint_config = checkpoint_config or checkpoints_lib.CheckpointConfig()
   for name, value in [("BATCH_SIZE", batch_size), ("TRAIN_STEPS", train_steps)]:
     if value <= 0:
       raise errors.ConfigError(f"{name} must be positive, got {value}.")
+  if num_microbatches <= 0 or batch_size % num_microbatches:
+    raise errors.ConfigError(f"train.num_microbatches = {num_microbatches} does not divide the batch size "
+                             f"{batch_size}; use a divisor of BATCH_SIZE (1 for no gradient accumulation).")
 
   # ---- everything that can fail on bad input happens before anything is written -----------------------
   partitioner = partitioner_factory()
   vocabulary = tasks.get_vocabulary(spm_path, offline_vocab_size=offline_vocab_size)
   vocab_size = tasks.padded_vocab_size(vocabulary)
   task = tasks.get_task(task_name, vocabulary=vocabulary, tfds_data_dir=tfds_data_dir)
+  for split in ("train", "validation"):  # an empty split would train on nothing or score -0.0 ("perfect")
+    tasks.check_split_not_empty(task, split)
   model = models_lib.EncoderDecoderModel(module_factory(vocab_size=vocab_size))
   lr_fn = learning_rate_fn()
   trainer = trainer_lib.Trainer(model, partitioner, optimizer=optimizer_factory(lr_fn), learning_rate_fn=lr_fn,
@@ -170,7 +318,17 @@ def train(*,
                                 num_microbatches=num_microbatches, seed=seed)
   signature = checkpoints_lib.model_signature(
       architecture, trainer.param_shapes,
-      {"vocab_size": vocab_size, "model_config": model_config_lines(), "task": task_name})
+      {"vocab_size": vocab_size, "model_config": model_config_lines(), "task": task_name,
+       # a resume must see the batches the run was started with (not part of PARAMETER_SIGNATURE_KEYS:
+       # fine-tuning from INITIAL_CHECKPOINT may change them)
+       "batch_size": batch_size, "feature_lengths": {k: int(v) for k, v in feature_lengths.items()}})
+  finished = completed_run(model_dir, train_steps, signature)
+  if finished is not None:  # results are immutable once complete: report them and write nothing
+    metrics_lib.print_progress(
+        f"The run in {model_dir} is complete (step {finished['step']}/{train_steps}, final loss "
+        f"{finished.get('final_loss', '?')}); nothing to do, nothing written. To train further, "
+        "raise TRAIN_STEPS; for a new run, use a new MODEL_DIR.")
+    return finished
   checkpointer = checkpoints_lib.Checkpointer(model_dir, checkpoint_config, signature)
   resume_step = checkpointer.check_compatible()  # MODEL_DIR's own run (same model and task) wins
   if resume_step is None and initial_checkpoint:
@@ -193,8 +351,14 @@ def train(*,
   train_iter = iter(train_ds)
 
   # ---- state: resume, initialize from a checkpoint, or start fresh --------------------------------
+  if jax.process_index() == 0:
+    model_dir_lock.acquire(model_dir)  # one trainer per MODEL_DIR, before the first write (below)
+  # The latest intact step (verified against its digest, finite, with its input position); damaged
+  # steps are skipped and renamed aside, with one line; none intact: CheckpointDamagedError.
+  resume_step, state, note = checkpointer.prepare_restore(trainer.abstract_state, train_iter)
+  if note:
+    metrics_lib.print_progress(note)
   if resume_step is not None:
-    state = checkpointer.restore(resume_step, trainer.abstract_state, train_iter)
     logging.info("Resuming from %s at step %d.", checkpointer.directory, resume_step)
     metrics_lib.print_progress(f"Restored from MODEL_DIR checkpoint at step {resume_step} "
                                f"({checkpointer.directory}); resuming.")
@@ -217,10 +381,7 @@ def train(*,
 
   # ---- outputs -------------------------------------------------------------------------------------
   import tensorflow as tf
-  tf.io.gfile.makedirs(model_dir)
-  if jax.process_index() == 0:
-    with tf.io.gfile.GFile(os.path.join(model_dir, "config.gin"), "w") as f:
-      f.write(gin.config_str())
+  tf.io.gfile.makedirs(model_dir)  # config.gin: written once per run, after its first step (the operative one)
   logger = metrics_lib.MetricsLogger(model_dir)
   tokens_per_step = int(batch_size * (feature_lengths["inputs"] + feature_lengths["targets"]))
   flops = trainer.flops_per_step()
@@ -230,14 +391,17 @@ def train(*,
       feature_lengths["targets"], batch_size=batch_size, feature_lengths=dict(feature_lengths),
       devices=jax.device_count(), device_kind=jax.devices()[0].device_kind, processes=jax.process_count(),
       mesh={k: int(v) for k, v in partitioner.mesh.shape.items()}, task=task_name, vocab_size=vocab_size,
-      train_steps=train_steps, step=int(jax.device_get(state.step)), status="running")
+      train_steps=train_steps, step=int(jax.device_get(state.step)), status="running",
+      # tokens_per_step is row capacity; with input_alignment > 1 (Funnel) each packed example's inputs are
+      # padded to that multiple first, so fewer real input tokens fill a row (tasks/data.py).
+      pack=bool(pack), input_alignment=tasks.data.input_alignment())
+  preemption = _active_preemption()
+  preemption.model_dir = model_dir  # a SIGTERM before the first step marks the record "preempted"
   metrics_lib.print_progress(
       f"{architecture} ({size}): {trainer.num_params:,} parameters, {flops:.3e} FLOPs/step, "
       f"{tokens_per_step:,} tokens/step, mesh {dict(partitioner.mesh.shape)}")
 
   # ---- loop ----------------------------------------------------------------------------------------
-  preemption = _Preemption()
-  preemption.install()
   step = int(jax.device_get(state.step))
   start_step = step
   timer = metrics_lib.StepTimer()
@@ -278,24 +442,42 @@ def train(*,
     last_good_checkpoint = s
 
   def evaluate(s):
+    """Logs and returns the validation metrics at step s; None if SIGTERM interrupted it."""
     sums = {"cross_entropy_sum": 0.0, "num_tokens": 0.0, "accuracy_sum": 0.0}
-    for batch in dataset("validation", True, False).take(eval_steps).as_numpy_iterator():
+    for batch in eval_ds.as_numpy_iterator():  # each pass reads the same batches (fixed seed, no shuffle)
+      if preemption.requested:
+        return None  # the caller saves and exits; a partial evaluation is not logged
       out = jax.device_get(trainer.eval_step(state.params, partitioner.put_batch(batch)))
       for k in sums:
         sums[k] += float(out[k])
-    n = max(sums["num_tokens"], 1.0)
+    if sums["num_tokens"] <= 0:  # never report a -0.0 ("perfect") score for no data
+      metrics_lib.update_run_record(model_dir, status="failed")
+      raise errors.DataError(f"The 'validation' split of task {tasks.data.base_task_name(task.name)} gave no "
+                             f"full batch of {batch_size} rows to evaluate at step {s}; give it more text.")
+    n = sums["num_tokens"]
     result = {"eval_neg_log_perplexity": -sums["cross_entropy_sum"] / n, "eval_accuracy": sums["accuracy_sum"] / n}
     logger.write(s, result)
     metrics_lib.print_progress(f"eval at step {s}: neg_log_perplexity {result['eval_neg_log_perplexity']:.4f}")
     return result
 
+  # Built once, during start-up (where SIGTERM exits at once): building the pipeline takes seconds.
+  eval_ds = dataset("validation", True, False).take(eval_steps)
   final_eval = None
   if step == 0 and eval_every_steps:
     evaluate(0)  # where a fresh run starts, for comparison with later evaluations
+  elif step != 0:  # compile the evaluation now, where SIGTERM exits at once, not in the middle of training
+    local_rows = batch_size // jax.process_count()
+    zeros = {k: np.zeros((local_rows,) + tuple(shape[1:]), np.int32) for k, shape in trainer.batch_shapes.items()}
+    jax.block_until_ready(trainer.eval_step(state.params, partitioner.put_batch(zeros)))
+  _all_finite(state)  # compiles the check that every save runs, so a preemption save does not wait for it
   try:
     with contextlib.ExitStack():
       while step < train_steps:
-        batch = partitioner.put_batch(next(train_iter))
+        try:
+          batch = partitioner.put_batch(next(train_iter))
+        except StopIteration:
+          raise errors.DataError(f"The 'train' split of task {tasks.data.base_task_name(task.name)} ran out of "
+                                 f"examples at step {step}; give it more text.") from None
         state, step_metrics = trainer.train_step(state, batch)
         step += 1
         pending.append((step, step_metrics))
@@ -303,10 +485,9 @@ def train(*,
           check(pending)
           pending.clear()
           first_step_done = True
+          preemption.nothing_to_save = False  # from now on SIGTERM saves this invocation's steps
           timer.reset(step)
-          if jax.process_index() == 0:
-            with tf.io.gfile.GFile(os.path.join(model_dir, "config.gin"), "w") as f:
-              f.write(gin.operative_config_str())
+          write_config_once(model_dir)
         elif len(pending) > 1:
           check(pending[:-1])
           del pending[:-1]
@@ -317,6 +498,7 @@ def train(*,
           steps_per_sec = timer.rate(step) or steps_per_sec
           tokens_per_sec = steps_per_sec * tokens_per_step
           logger.write(step, {**host, "steps_per_sec": steps_per_sec, "tokens_per_sec": tokens_per_sec})
+          metrics_lib.update_run_record(model_dir, step=step)  # `launch status` shows the live step
           metrics_lib.print_progress(metrics_lib.progress_line(step, train_steps, host["loss"], steps_per_sec,
                                                                tokens_per_sec))
         if step % checkpoint_config.save_every_steps == 0 and step < train_steps:
@@ -343,14 +525,26 @@ def train(*,
       if last_good_checkpoint != step:
         save(step)
       final_eval = evaluate(step)
+      if preemption.requested:  # during the final evaluation; the final checkpoint is written
+        checkpointer.wait()
+        metrics_lib.update_run_record(model_dir, step=step, status="preempted")
+        raise Preempted(f"SIGTERM received during the final evaluation: checkpoint saved at step {step} in "
+                        f"{checkpointer.directory}. Run the same command again to evaluate and complete.")
       if infer:
         infer(step, state.params, logger)
       checkpointer.wait()
   except errors.NonFiniteLossError:
     metrics_lib.update_run_record(model_dir, status="failed_nonfinite_loss")
     raise
+  except errors.DataError:
+    metrics_lib.update_run_record(model_dir, status="failed")
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    cause = checkpoints_lib.disk_full_cause(e)
+    if cause is None:
+      raise
+    raise _disk_full(model_dir, checkpointer, cause, last_good_checkpoint) from None
   finally:
-    preemption.uninstall()
     logger.flush()
     checkpointer.close()
 
@@ -360,6 +554,8 @@ def train(*,
 
 
 # ---- command line -------------------------------------------------------------------------------------
+from scaling_arch import runtime_env  # noqa: E402  (defines --malloc_hugepages; start-up settings)
+
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("gin_file", [], "Gin files, in order (model, size, run, mesh); later wins.")
 flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings; also written --gin.NAME=VALUE.")
@@ -378,6 +574,7 @@ def initialize_distributed() -> None:
                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
   elif FLAGS.distributed:
     jax.distributed.initialize()
+  runtime_env.initialize_backends()  # now, so probes of absent platforms stay quiet (runtime_env.py)
 
 
 def _message(e: BaseException) -> str:
@@ -393,20 +590,42 @@ def run(argv: Sequence[str], entry: Callable[..., Any]) -> int:
   try:
     initialize_distributed()
     gin_utils.parse(FLAGS.gin_file, FLAGS.gin_bindings)
+    gin_utils.check_macros_referenced(FLAGS.gin_bindings)  # `--gin.TRAIN_STEPZ=5` is a typo, not a no-op
     gin_utils.call_configured(entry)
   except Preempted as e:
     print(_message(e), file=sys.stderr, flush=True)
+    _EXIT_AT_ONCE.append(128 + signal.SIGTERM)  # saved and flushed; interpreter shutdown took ~8 s
     return 128 + signal.SIGTERM
   except errors.UserError as e:
     print(f"error: {_message(e)}", file=sys.stderr, flush=True)
+    if isinstance(e, errors.DiskFullError):
+      _EXIT_AT_ONCE.append(2)
+    return 2
+  except Exception as e:  # pylint: disable=broad-except
+    cause = checkpoints_lib.disk_full_cause(e)  # a full disk outside the training loop's own handling
+    if cause is None:
+      raise
+    print(f"error: the disk is full: {cause}. Free space there (or raise the quota) and rerun the same "
+          "command to resume.", file=sys.stderr, flush=True)
+    _EXIT_AT_ONCE.append(2)
     return 2
   return 0
 
 
+# Set after a full disk: orbax's abandoned writes would print tracebacks at interpreter shutdown, after
+# the error line; the CLI exits without that shutdown.
+_EXIT_AT_ONCE: list[int] = []
+
+
 def main(argv):
-  if not FLAGS["verbosity"].present:
+  if not (FLAGS["verbosity"].present or runtime_env.verbose()):
     logging.set_verbosity(logging.WARNING)  # checkpointing libraries log every file at INFO
-  sys.exit(run(argv, train))
+  status = run(argv, train)
+  if _EXIT_AT_ONCE:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)  # pylint: disable=protected-access
+  sys.exit(status)
 
 
 def cli() -> None:
