@@ -56,6 +56,10 @@ SUMMARY_KEYS = ("glue_average", "super_glue_average", "squad_em", "squad_f1", "s
                 "downstream_score")
 
 
+class _Interrupted(Exception):
+  """Raised inside seqio's evaluation when `InferenceEvaluator.should_stop()` turns true."""
+
+
 @gin.configurable
 class InferenceEvaluator:
   """Decodes a task's (or each task of a mixture's) evaluation split and computes its metrics.
@@ -78,6 +82,9 @@ class InferenceEvaluator:
           f"InferenceEvaluator.batch_size {batch_size} must be a positive multiple of {multiple} (the "
           "data-parallel devices and the processes).")
     self.trainer, self.model_dir, self.batch_size = trainer, model_dir, batch_size
+    # Checked before each decoding batch: the trainer sets it to "SIGTERM received", so a preemption stops
+    # the evaluation within one batch (nothing of it is recorded) instead of after the whole of it.
+    self.should_stop: Callable[[], bool] = lambda: False
     log_dir = os.path.join(model_dir, PREDICTIONS_DIR)
     try:
       self.evaluator = seqio.Evaluator(
@@ -102,6 +109,8 @@ class InferenceEvaluator:
     count, index = jax.process_count(), jax.process_index()
     local = self.batch_size // count
     for ids, features in dataset.batch(self.batch_size).as_numpy_iterator():
+      if self.should_stop():
+        raise _Interrupted()
       tokens = features["encoder_input_tokens"]
       padded = np.zeros((self.batch_size,) + tokens.shape[1:], np.int32)
       padded[:len(tokens)] = tokens
@@ -117,8 +126,12 @@ class InferenceEvaluator:
     if not self.evaluator.eval_tasks:
       metrics_lib.print_progress(f"inference eval at step {step}: no task with an evaluation split and metrics.")
       return {"task_metrics": {}}
-    future, _ = self.evaluator.evaluate(compute_metrics=True, step=int(step),
-                                        predict_fn=functools.partial(self.predict, params))
+    try:
+      future, _ = self.evaluator.evaluate(compute_metrics=True, step=int(step),
+                                          predict_fn=functools.partial(self.predict, params))
+    except _Interrupted:
+      metrics_lib.print_progress(f"inference eval at step {step}: stopped by SIGTERM; nothing recorded.")
+      return {"task_metrics": {}, "interrupted": True}
     task_metrics = {finetuning.base_name(name): {k: _number(v) for k, v in values.items()}
                     for name, values in sorted(future.result().items())}
     scores = downstream.downstream_score(task_metrics)

@@ -397,6 +397,8 @@ def train(*,
       pack=bool(pack), input_alignment=tasks.data.input_alignment())
   preemption = _active_preemption()
   preemption.model_dir = model_dir  # a SIGTERM before the first step marks the record "preempted"
+  if infer is not None and hasattr(infer, "should_stop"):
+    infer.should_stop = lambda: preemption.requested  # a decoding evaluation stops within one batch
   metrics_lib.print_progress(
       f"{architecture} ({size}): {trainer.num_params:,} parameters, {flops:.3e} FLOPs/step, "
       f"{tokens_per_step:,} tokens/step, mesh {dict(partitioner.mesh.shape)}")
@@ -532,6 +534,12 @@ def train(*,
                         f"{checkpointer.directory}. Run the same command again to evaluate and complete.")
       if infer:
         infer(step, state.params, logger)
+        if preemption.requested:  # during the final decoding evaluation; the final checkpoint is written
+          checkpointer.wait()
+          metrics_lib.update_run_record(model_dir, step=step, status="preempted")
+          raise Preempted(f"SIGTERM received during the final inference evaluation: checkpoint saved at step "
+                          f"{step} in {checkpointer.directory}. Run the same command again to evaluate and "
+                          "complete.")
       checkpointer.wait()
   except errors.NonFiniteLossError:
     metrics_lib.update_run_record(model_dir, status="failed_nonfinite_loss")

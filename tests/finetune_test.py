@@ -239,12 +239,13 @@ def test_downstream_score_of_perfect_and_of_wrong_predictions(vocab):
 
 # ---- fine-tuning end to end -------------------------------------------------------------------------
 def finetune_args(model_dir, initial_checkpoint, tfds_dir, *extra):
-  """gin/runs/finetune.gin as shipped, shrunk to the tiny geometry, 2 steps, on the CPU mesh."""
+  """gin/runs/finetune.gin as shipped, shrunk to the tiny geometry, 2 steps, on the CPU mesh (the lengths
+  are LENGTHS through TINY's train.feature_lengths, so INPUT_LENGTH / TARGET_LENGTH would be unused
+  macros, which train refuses)."""
   return ['--gin_file=gin/models/vanilla.gin', '--gin_file=gin/sizes/tiny.gin', '--gin_file=gin/runs/finetune.gin',
           '--gin_file=gin/meshes/cpu.gin', *GEOMETRY, model_dir_flag(model_dir),
           f"--gin.INITIAL_CHECKPOINT='{initial_checkpoint}'", f"--gin.TFDS_DATA_DIR='{tfds_dir}'",
           '--gin.SPM_PATH=None', "--gin.ACTIVATION_DTYPE='float32'", "--gin.REMAT_POLICY='none'",
-          f"--gin.INPUT_LENGTH={LENGTHS['inputs']}", f"--gin.TARGET_LENGTH={LENGTHS['targets']}",
           '--gin.TRAIN_STEPS=2', '--gin.train.shuffle=False', '--gin.INFER_EVAL_EVERY_STEPS=1000',
           '--gin.evaluate.InferenceEvaluator.batch_size=8',
           f'--gin.evaluate.InferenceEvaluator.num_examples={MOCK_EXAMPLES}',
