@@ -277,7 +277,8 @@ class Checkpointer:
       self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state",))
     return self._manager
 
-  def save(self, step: int, state, data_iterator=None) -> None:
+  def save(self, step: int, state, data_iterator=None, digest: Optional[dict] = None) -> None:
+    """`digest`: the state's `state_digest` arrays when the caller computed them already."""
     """Writes the data state, then has orbax save the train state with the step's digest in its
     _CHECKPOINT_METADATA (written when orbax finalizes the step: the commit of the whole unit)."""
     if jax.process_index() == 0:
@@ -292,7 +293,7 @@ class Checkpointer:
       tf.io.gfile.makedirs(os.path.dirname(prefix))
       tf.train.Checkpoint(iterator=data_iterator).write(prefix)
       data_files = self._data_file_digests(step)
-    arrays, _ = state_digest(state)
+    arrays = digest if digest is not None else state_digest(state)[0]
     record = {"state": arrays, "data_state": data_files, "signature_sha256": signature_hash(self.signature)}
     self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True,
                       custom_metadata={DIGEST_KEY: record})

@@ -167,17 +167,6 @@ def model_config_lines() -> list[str]:
   return sorted(lines)
 
 
-@jax.jit
-def _all_finite_impl(tree) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
-
-
-def _all_finite(tree) -> bool:
-  """Whether every floating-point leaf of `tree` (global, possibly sharded arrays) is finite."""
-  return bool(jax.device_get(_all_finite_impl(tree)))
-
-
 def write_config_once(model_dir: str) -> None:
   """Writes MODEL_DIR/config.gin, the operative configuration, unless the run already has one: it is
   written once per run (after its first step, when every configurable has been called) and never
@@ -437,10 +426,11 @@ def train(*,
     pending.clear()
     # The loss of step s was computed before its update; the update itself may have made the state
     # non-finite (which only the next step's loss would show). Never write such a state as a checkpoint.
-    if not _all_finite(state):
+    digest, finite = checkpoints_lib.state_digest(state)  # one pass: the checksums and the finiteness
+    if not finite:
       raise nonfinite(f"The parameters or optimizer state became non-finite at step {s} (its loss, "
                       f"{last_loss}, was still finite)")
-    checkpointer.save(s, state, train_iter)
+    checkpointer.save(s, state, train_iter, digest=digest)
     last_good_checkpoint = s
 
   def evaluate(s):
@@ -471,7 +461,7 @@ def train(*,
     local_rows = batch_size // jax.process_count()
     zeros = {k: np.zeros((local_rows,) + tuple(shape[1:]), np.int32) for k, shape in trainer.batch_shapes.items()}
     jax.block_until_ready(trainer.eval_step(state.params, partitioner.put_batch(zeros)))
-  _all_finite(state)  # compiles the check that every save runs, so a preemption save does not wait for it
+  checkpoints_lib.state_digest(state)  # compiles the check that every save runs, so a preemption save does not wait for it
   try:
     with contextlib.ExitStack():
       while step < train_steps:
