@@ -278,9 +278,9 @@ class Checkpointer:
     return self._manager
 
   def save(self, step: int, state, data_iterator=None, digest: Optional[dict] = None) -> None:
-    """`digest`: the state's `state_digest` arrays when the caller computed them already."""
     """Writes the data state, then has orbax save the train state with the step's digest in its
-    _CHECKPOINT_METADATA (written when orbax finalizes the step: the commit of the whole unit)."""
+    _CHECKPOINT_METADATA (written when orbax finalizes the step: the commit of the whole unit).
+    `digest`: the state's `state_digest` when the caller computed it already."""
     if jax.process_index() == 0:
       path = os.path.join(self.directory, SIGNATURE_FILE)
       if not tf.io.gfile.exists(path):

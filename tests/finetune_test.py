@@ -51,7 +51,7 @@ def mock_tfds(num_examples: int = MOCK_EXAMPLES):
   with tfds.testing.mock_data(num_examples=num_examples, policy=tfds.testing.MockPolicy.USE_CODE), \
        mock.patch.object(seqio.utils.LazyTfdsLoader, 'size', lambda self, split: num_examples), \
        mock.patch.object(checkpoints_lib.Checkpointer, 'save',
-                         lambda self, step, state, data_iterator=None: save(self, step, state)):
+                         lambda self, step, state, data_iterator=None, **kw: save(self, step, state, **kw)):
     yield
 
 
