@@ -41,26 +41,32 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 # Alternative rule sets, each the table above with a few rows changed (so there is still one table),
-# selected with `partitioning.Partitioner.rules` (e.g. gin/meshes/fully_sharded.gin):
+# selected with `partitioning.Partitioner.rules` (e.g. gin/meshes/fully_sharded.gin). A set names the
+# logical axes it changes and, for each, the mesh axes to try in order; those rows move to the end of the
+# table, so every other row claims its mesh axes first (flax gives a dimension the first row whose mesh
+# axes the array has not used yet, and leaves it whole when none is free).
 # - 'default': parameters and optimizer state are replicated over `data` (split over `model` / `expert`).
 # - 'fully_sharded': as T5X's and MaxText's fsdp rules, parameters (and so their gradients and optimizer
-#   state) also split their `embed` dimension over `data`; XLA gathers each layer's weights just before
-#   use. Activations keep their sharding: `batch` precedes `embed` in the table, so an activation's batch
-#   dimension takes `data` first and its embed dimension stays whole. Costs an all-gather of the weights
-#   per step (and a reduce-scatter of the gradients instead of an all-reduce); saves HBM at xl.
-RULE_SETS: dict[str, dict[str, Any]] = {
+#   state) also split their `embed` dimension over the batch axes, `data` and `expert` (an expert
+#   weight, whose `expert` dimension holds that mesh axis, falls back to `data`); XLA gathers each
+#   layer's weights just before use. Activations keep their sharding: their `batch` (or `expert_group`)
+#   row comes first and takes those mesh axes, so their embed dimension stays whole. Costs an all-gather
+#   of the weights per step (and a reduce-scatter of the gradients instead of an all-reduce); saves HBM
+#   at xl.
+RULE_SETS: dict[str, dict[str, tuple[Any, ...]]] = {
     "default": {},
-    "fully_sharded": {"embed": "data"},
+    "fully_sharded": {"embed": (("data", "expert"), "data")},
 }
 
 
 def logical_axis_rules(rule_set: str = "default") -> tuple[tuple[str, Any], ...]:
-  """The table with the rows of the named rule set replaced."""
+  """The table with the rows of the named rule set moved to its end, with their new mesh axes."""
   if rule_set not in RULE_SETS:
     raise errors.MeshError(f"partitioning.Partitioner.rules = {rule_set!r}; use one of "
                            f"{', '.join(map(repr, RULE_SETS))}.")
   changes = RULE_SETS[rule_set]
-  return tuple((name, changes.get(name, physical)) for name, physical in LOGICAL_AXIS_RULES)
+  kept = tuple((name, physical) for name, physical in LOGICAL_AXIS_RULES if name not in changes)
+  return kept + tuple((name, physical) for name, choices in changes.items() for physical in choices)
 
 
 # Logical axes that stack copies of a parameter (scanned layers, experts): Adafactor treats them as

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import time
 
+import flax.linen as nn
 import gin
 import jax
 import numpy as np
@@ -13,7 +14,7 @@ import pytest
 
 from launch import cli, plan
 from launch.grid import LaunchError
-from scaling_arch import gin_utils
+from scaling_arch import errors, gin_utils, partitioning
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu (the TPU compiler) is not installed: "
@@ -167,11 +168,22 @@ def test_vocabulary_size_and_oom_messages_offline():
 
 
 # ---- fully sharded rules: the same step ------------------------------------------------------------------
-def _one_step(rules):
-  gin_utils.parse(["gin/models/vanilla.gin", "gin/sizes/tiny.gin", "gin/runs/pretrain_local.gin"],
+ONE_STEP_SETUPS = {
+    # vanilla on a (data, model) mesh; Switch on an expert mesh, where `embed` splits over data x expert
+    # for the dense weights and over data for the expert weights.
+    "vanilla": (["NUM_ENCODER_LAYERS = 1", "NUM_DECODER_LAYERS = 1", "MESH_SHAPE = (8, 2)"], ("data",)),
+    "switch": (["NUM_ENCODER_LAYERS = 2", "NUM_DECODER_LAYERS = 2", "EXPERT_EVERY = 2", "NUM_EXPERTS = 4",
+                "MESH_SHAPE = (2, 2, 4)", "partitioning.Partitioner.axis_names = ('data', 'model', 'expert')"],
+               ("data", "expert")),
+}
+
+
+def _one_step(arch, rules):
+  extra, _ = ONE_STEP_SETUPS[arch]
+  gin_utils.parse([f"gin/models/{arch}.gin", "gin/sizes/tiny.gin", "gin/runs/pretrain_local.gin"],
                   ["MODEL_DIR = '/tmp/unused'", "EMBED_DIM = 64", "MLP_DIM = 128", "NUM_HEADS = 2",
-                   "HEAD_DIM = 16", "NUM_ENCODER_LAYERS = 1", "NUM_DECODER_LAYERS = 1", "INPUT_LENGTH = 32",
-                   "TARGET_LENGTH = 8", "MESH_SHAPE = (8, 2)", f"partitioning.Partitioner.rules = '{rules}'"])
+                   "HEAD_DIM = 16", "INPUT_LENGTH = 32", "TARGET_LENGTH = 8", *extra,
+                   f"partitioning.Partitioner.rules = '{rules}'"])
   settings = plan.train_settings()
   tr = plan.build_trainer(settings, jax.devices())
   rng = np.random.RandomState(0)
@@ -186,18 +198,42 @@ def _one_step(rules):
     else:
       batch[key] = rng.randint(3, 4000, shape).astype(np.int32)
   state, metrics = tr.train_step(tr.init_state(), tr.partitioner.put_batch(batch))
-  embed_spec = tr.param_shardings["token_embedder"]["embedding"].spec
-  out = float(metrics["loss"]), jax.device_get(state.params), embed_spec
+  specs = {"/".join(str(getattr(k, "key", k)) for k in path): tuple(sh.spec) for path, sh in
+           jax.tree_util.tree_flatten_with_path(tr.param_shardings)[0]}
+  out = float(metrics["loss"]), jax.device_get(state.params), specs
   gin.clear_config()
   return out
 
 
-def test_fully_sharded_rules_give_the_same_train_step():
-  loss, params, spec = _one_step("default")
-  loss_fs, params_fs, spec_fs = _one_step("fully_sharded")
-  assert "data" not in tuple(spec) and "data" in tuple(spec_fs)  # the embed dimension is split over data
+@pytest.mark.parametrize("arch", sorted(ONE_STEP_SETUPS))
+def test_fully_sharded_rules_give_the_same_train_step(arch):
+  loss, params, specs = _one_step(arch, "default")
+  loss_fs, params_fs, specs_fs = _one_step(arch, "fully_sharded")
+  batch_axes = ONE_STEP_SETUPS[arch][1]
+  embedding = "token_embedder/embedding"
+  as_axes = lambda entry: (entry,) if isinstance(entry, str) else tuple(entry or ())
+  assert "data" not in str(specs[embedding])
+  assert batch_axes in [as_axes(e) for e in specs_fs[embedding]]  # embed split over the batch axes
+  if arch == "switch":
+    experts = [p for p in specs_fs if p.endswith("wi")]
+    assert experts and all(specs_fs[p][-3:] == ("expert", "data", "model") for p in experts), \
+        {p: specs_fs[p] for p in experts}
   assert loss_fs == pytest.approx(loss, rel=1e-5)
   flat, flat_fs = jax.tree.leaves(params), jax.tree.leaves(params_fs)
   assert len(flat) == len(flat_fs) > 5
   for a, b in zip(flat, flat_fs):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_fully_sharded_rules_leave_activations_whole():
+  """Only parameters take the `embed` rows: an activation's batch (or token-group) dimension claims the
+  batch axes first, on a (data, model) mesh and on an expert mesh alike."""
+  rules = partitioning.logical_axis_rules("fully_sharded")
+  spec = lambda names: tuple(nn.logical_to_mesh_axes(names, rules))
+  assert spec(("batch", "length", "embed")) == (("data", "expert"), None, None)
+  assert spec(("expert_group", None, "embed")) == (("data", "expert"), None, None)
+  assert spec(("embed", "mlp")) == (("data", "expert"), "model")
+  assert spec(("expert", "embed", "expert_mlp")) == ("expert", "data", "model")
+  assert partitioning.logical_axis_rules("default") == partitioning.LOGICAL_AXIS_RULES
+  with pytest.raises(errors.MeshError, match="use one of 'default', 'fully_sharded'"):
+    partitioning.logical_axis_rules("fsdp")

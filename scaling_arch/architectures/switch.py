@@ -213,13 +213,15 @@ class SwitchFeedForward(nn.Module):
                     (num_experts, d, self.intermediate_dim), jnp.float32)
     wo = self.param("wo", nn.with_logical_partitioning(init, ("expert", "expert_mlp", "embed")),
                     (num_experts, self.intermediate_dim, d), jnp.float32)
+    # Dispatched activations keep d_model whole (None, not `embed`: with no batch row to take the data
+    # axis first, the fully sharded rules would split it over `data`, as they do the weights').
     expert_in = jnp.einsum("gsd,gsec->egcd", xg.astype(self.dtype), dispatch.astype(self.dtype))
-    expert_in = nn.with_logical_constraint(expert_in, ("expert", UNCONSTRAINED, None, "embed"))
+    expert_in = nn.with_logical_constraint(expert_in, ("expert", UNCONSTRAINED, None, None))
     h = ACTIVATIONS[self.activation](jnp.einsum("egcd,edf->egcf", expert_in, wi.astype(self.dtype)))
     h = nn.with_logical_constraint(h, ("expert", UNCONSTRAINED, None, "expert_mlp"))
     h = nn.Dropout(self.expert_dropout_rate)(h, deterministic=deterministic)
     expert_out = jnp.einsum("egcf,efd->egcd", h, wo.astype(self.dtype))
-    expert_out = nn.with_logical_constraint(expert_out, ("expert", UNCONSTRAINED, None, "embed"))
+    expert_out = nn.with_logical_constraint(expert_out, ("expert", UNCONSTRAINED, None, None))
     y = jnp.einsum("egcd,gsec->gsd", expert_out, combine.astype(self.dtype))
     y = nn.with_logical_constraint(y, ("expert_group", None, "embed"))
     return y.reshape(batch, length, d)
