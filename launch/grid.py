@@ -8,11 +8,13 @@ Run names are `<architecture>-<variant>`, e.g. `vanilla-base`, `glu-small-el16`.
 
 Variant names: the "Scale Efficiently" protocol (Tay et al. 2021, arXiv 2109.10686)
 -------------------------------------------------------------------------------------
-A variant is a size of the ladder followed by zero or more depth / width knobs:
+A variant is a size of the ladder followed by zero or more depth / width knobs, and optionally a seed
+knob last:
 
-    <size>[-<knob><N>]...      size in tiny, mini, small, base, large, xl, xxl; N a positive integer
+    <size>[-<knob><N>]...[-s<N>]   size in tiny, mini, small, base, large, xl, xxl; N a positive integer
 
-Each knob replaces one or two of the size file's macros (gin/sizes/<size>.gin) with N:
+Each depth / width knob replaces one or two of the size file's macros (gin/sizes/<size>.gin) with N; the
+seed knob is the exception: it sets no macro but train's two seeds:
 
     knob  meaning                          macro override(s)
     nl    layers, both stacks              NUM_ENCODER_LAYERS = N, NUM_DECODER_LAYERS = N
@@ -22,11 +24,23 @@ Each knob replaces one or two of the size file's macros (gin/sizes/<size>.gin) w
     ff    feed-forward width d_ff          MLP_DIM = N
     nh    attention heads                  NUM_HEADS = N
     kv    width of a head d_kv             HEAD_DIM = N
+    s     seed replicate N                 train.seed = N, train.data_seed = 42 + N (not macros)
 
 So `base-dl2` is base with 2 decoder layers, `small-el16` small with 16 encoder layers, `base-nh32` base
 with 32 heads, `tiny-nl2-dm128` tiny with 2+2 layers of width 128. Each knob appears at most once, `nl`
 does not combine with `el` or `dl`, and names are canonical: knobs in the order of the table above
 (`base-dl2-nh8`, not `base-nh8-dl2`); a variant written in another order is renamed to the canonical one.
+
+Seed replicates: `tiny-dm128-s1` is replicate 1 of the point `tiny-dm128` (the variant without the seed
+knob, `Variant.point`): the same model, its own initialization and dropout (`train.seed = 1`) and its own
+data order (`train.data_seed = 43`; 42 is train's default). Replicate 0 is the variant without the knob
+(`s0` is not a name), which binds neither seed, so a grid that adds replicates keeps the names, MODEL_DIRs
+and configurations of its existing runs. Every replicate is evaluated on the same
+validation batches (train fixes their seed, whatever data_seed is). A grid
+asks for replicates with `launch.Grid.seeds` = {variant pattern: number of seeds}, e.g. {'*': 2,
+'tiny-dm64-*': 3}: shell-style patterns on the variant name (without the seed knob), the last matching
+pattern wins (list the general ones first), default 1; a variant matched with K seeds becomes the variants
+`<v>`, `<v>-s1`, ..., `<v>-s<K-1>`, in that order. A variant the grid names with a seed knob is taken as it is.
 
 Stages: the grid lists (stage name, run gin file) pairs; every stage after the first initializes from the
 final checkpoint of the stage before it (`--gin.INITIAL_CHECKPOINT="'<MODEL_DIR>/checkpoints/<step>'"`).
@@ -34,10 +48,10 @@ A stage's MODEL_DIR is `<EXPERIMENT_ROOT>/<run>/<stage>`.
 
 Order of the gin layers of a stage (later wins): gin/models/<arch>.gin, gin/sizes/<size>.gin, the stage's
 run file, extra gin files for the run; then bindings: the grid's `overrides`, its raw `bindings`, the
-stage's `stage_overrides`, the variant's knobs, the run's `run_overrides`, and MODEL_DIR /
-INITIAL_CHECKPOINT. The grid owns the model and its size, so a stage's run file must not include a model
-or size file or set a size macro (the run files in gin/runs/ used by grids are pure run files); a grid
-that names such a run file is refused.
+stage's `stage_overrides`, the variant's knobs (the seed knob's train.seed / train.data_seed last), the
+run's `run_overrides`, and MODEL_DIR / INITIAL_CHECKPOINT. The grid owns the model and its size, so a
+stage's run file must not include a model or size file or set a size macro (the run files in gin/runs/
+used by grids are pure run files); a grid that names such a run file is refused.
 """
 
 from __future__ import annotations
@@ -63,6 +77,8 @@ KNOBS = {  # canonical order
     "nh": ("NUM_HEADS",),
     "kv": ("HEAD_DIM",),
 }
+SEED_KNOB = "s"  # last in the canonical order; binds train's seeds, not macros (see the module docstring)
+DATA_SEED = 42  # train.data_seed of replicate 0 (train's default); replicate N gets DATA_SEED + N
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 SPEC_FILE = "launch_spec.json"
 
@@ -74,10 +90,16 @@ class LaunchError(Exception):
 # ---- variants ------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Variant:
-  """A size of the ladder plus depth / width knobs; `name` is canonical."""
+  """A size of the ladder plus depth / width knobs and a seed replicate; `name` is canonical."""
   name: str
   size: str
-  knobs: tuple[tuple[str, int], ...]
+  knobs: tuple[tuple[str, int], ...]  # the depth / width knobs (the seed knob is `seed`)
+  seed: int = 0  # the replicate (knob s); 0 for a variant without the seed knob
+
+  @property
+  def point(self) -> str:
+    """The name without the seed knob: the point of the ladder or series that this replicate measures."""
+    return "-".join([self.size] + [f"{k}{v}" for k, v in self.knobs])
 
   @property
   def overrides(self) -> dict[str, int]:
@@ -88,19 +110,32 @@ class Variant:
         out[macro] = value
     return out
 
+  @property
+  def seed_bindings(self) -> dict[str, int]:
+    """train.seed and train.data_seed of a replicate; none for replicate 0 (train's defaults)."""
+    return {"train.seed": self.seed, "train.data_seed": DATA_SEED + self.seed} if self.seed else {}
+
+  def replicate(self, seed: int) -> "Variant":
+    """This variant's point at another seed (0: without the seed knob)."""
+    return Variant(self.point + (f"-{SEED_KNOB}{seed}" if seed else ""), self.size, self.knobs, seed)
+
 
 def parse_variant(name: str) -> Variant:
-  """`base-dl2` -> Variant('base-dl2', 'base', (('dl', 2),)); raises LaunchError on a bad name."""
+  """`base-dl2` -> Variant('base-dl2', 'base', (('dl', 2),)), `base-dl2-s1` -> the same with seed 1;
+  raises LaunchError on a bad name."""
   size, *parts = name.split("-")
   if size not in SIZES:
     raise LaunchError(f"Variant {name!r}: {size!r} is not a size; use one of {', '.join(SIZES)}, "
                       "optionally followed by knobs such as -dl2 (see launch/grid.py).")
   knobs = {}
   for part in parts:
-    m = re.fullmatch(r"([a-z]{2})([0-9]+)", part)
-    if not m or m.group(1) not in KNOBS or int(m.group(2)) < 1:
+    m = re.fullmatch(r"([a-z]{1,2})([0-9]+)", part)
+    if m and m.group(1) == SEED_KNOB and int(m.group(2)) == 0:
+      raise LaunchError(f"Variant {name!r}: seed 0 is the variant without the seed knob; drop {part!r}.")
+    if not m or m.group(1) not in (*KNOBS, SEED_KNOB) or int(m.group(2)) < 1:
       raise LaunchError(f"Variant {name!r}: {part!r} is not a knob; knobs are {', '.join(KNOBS)} followed "
-                        "by a positive integer, e.g. base-dl2, small-el16, base-nh32.")
+                        "by a positive integer, e.g. base-dl2, small-el16, base-nh32, and s<N> for seed "
+                        "replicate N (base-s1).")
     if m.group(1) in knobs:
       raise LaunchError(f"Variant {name!r} sets {m.group(1)} twice; give each knob once.")
     knobs[m.group(1)] = int(m.group(2))
@@ -108,7 +143,7 @@ def parse_variant(name: str) -> Variant:
     raise LaunchError(f"Variant {name!r} combines nl with el/dl; use either nl<N> (both stacks) or "
                       "el<N> and dl<N>.")
   ordered = tuple((k, knobs[k]) for k in KNOBS if k in knobs)
-  return Variant("-".join([size] + [f"{k}{v}" for k, v in ordered]), size, ordered)
+  return Variant(size, size, ordered).replicate(knobs.get(SEED_KNOB, 0))
 
 
 _MODEL_LINES = re.compile(r"^\s*(include\s+['\"]gin/(models|sizes)/|(%s|ARCHITECTURE|SIZE)\s*=)" %
@@ -198,6 +233,9 @@ class Grid:
     sizes: variants every architecture is trained at, e.g. ['tiny', 'small', 'base'].
     variants: further variants ("Scale Efficiently" knobs, e.g. 'base-dl2'), for the architectures in
       `variant_architectures` (default: all of them).
+    seeds: {variant name pattern: number of seeds} for seed replicates, e.g. {'*': 2, 'tiny-dm64-*': 3}:
+      the last pattern that matches a variant of `sizes` or `variants` wins, default 1 (no replicates); K
+      seeds add the variants <v>-s1 ... <v>-s<K-1> after <v> (see the module docstring).
     stages: [(stage name, run gin file), ...] in order, e.g. [('pretrain', 'gin/runs/pretrain_c4.gin'),
       ('finetune', 'gin/runs/finetune.gin')].
     experiment_root: a local directory or gs:// path; MODEL_DIRs are <root>/<run>/<stage>.
@@ -215,6 +253,7 @@ class Grid:
   def __init__(self, *, name: str, architectures: Sequence[str], sizes: Sequence[str],
                stages: Sequence[tuple[str, str]], experiment_root: Optional[str],
                variants: Sequence[str] = (), variant_architectures: Optional[Sequence[str]] = None,
+               seeds: Optional[Mapping[str, int]] = None,
                overrides: Optional[Mapping[str, Any]] = None, bindings: Sequence[str] = (),
                stage_overrides: Optional[Mapping[str, Mapping[str, Any]]] = None,
                run_overrides: Optional[Mapping[str, Mapping[str, Any]]] = None,
@@ -226,6 +265,7 @@ class Grid:
     self.variants = list(variants)
     self.variant_architectures = list(variant_architectures if variant_architectures is not None
                                       else architectures)
+    self.seeds = dict(seeds or {})
     self.stages = [tuple(s) for s in stages]
     self.experiment_root = experiment_root
     self.overrides = dict(overrides or {})
@@ -264,6 +304,10 @@ class Grid:
     if unknown:
       raise LaunchError(f"stage_overrides names stages {sorted(unknown)} that the grid does not have "
                         f"({', '.join(names)}).")
+    for pattern, count in self.seeds.items():
+      if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise LaunchError(f"launch.Grid.seeds[{pattern!r}] = {count!r}; give a number of seeds, 1 or more "
+                          "(1: no replicates), e.g. {'*': 2}.")
     if self.backend not in ("local", "tpu_vm"):
       raise LaunchError(f"launch.Grid.backend = {self.backend!r}; use 'local' or 'tpu_vm'.")
 
@@ -285,12 +329,24 @@ class Grid:
     return os.path.join(self.root, "_launch")
 
   # -- expansion -------------------------------------------------------------------------------------
+  def seed_count(self, variant: Variant) -> int:
+    """How many seeds `seeds` asks for at a variant: the last matching pattern's number, else 1."""
+    counts = [n for pattern, n in self.seeds.items() if fnmatch.fnmatchcase(variant.point, pattern)]
+    return counts[-1] if counts else 1
+
+  def replicates(self, variant: Variant) -> list[Variant]:
+    """A variant of the grid and its seed replicates; one the grid names with a seed knob as it is."""
+    if variant.seed:
+      return [variant]
+    return [variant.replicate(seed) for seed in range(self.seed_count(variant))]
+
   def run_names(self) -> list[tuple[str, Variant]]:
-    """(architecture, variant) of every run, grouped by architecture, in the grid's order."""
+    """(architecture, variant) of every run, grouped by architecture, in the grid's order (a variant's
+    seed replicates right after it)."""
     out, seen = [], set()
     for arch in self.architectures:
       names = self.sizes + (self.variants if arch in self.variant_architectures else [])
-      for variant in map(parse_variant, names):
+      for variant in (r for v in map(parse_variant, names) for r in self.replicates(v)):
         if (arch, variant.name) not in seen:
           seen.add((arch, variant.name))
           out.append((arch, variant))
@@ -310,7 +366,8 @@ class Grid:
       for index, (stage_name, run_file) in enumerate(self.stages):
         bindings = ([render_binding(k, v) for k, v in self.overrides.items()] + list(self.bindings) +
                     [render_binding(k, v) for k, v in self.stage_overrides.get(stage_name, {}).items()] +
-                    [render_binding(k, v) for k, v in variant.overrides.items()] + run_bindings)
+                    [render_binding(k, v) for k, v in {**variant.overrides, **variant.seed_bindings}.items()] +
+                    run_bindings)
         model_files = (f"gin/models/{arch}.gin", f"gin/sizes/{variant.size}.gin")
         stage = Stage(run=name, name=stage_name, index=index, architecture=arch, variant=variant.name,
                       gin_files=(*model_files, run_file, *extra_files),

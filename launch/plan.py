@@ -354,11 +354,14 @@ def versions() -> dict:
           "plan": PLAN_VERSION}
 
 
-_PLACEHOLDERS = re.compile(r"^(MODEL_DIR|INITIAL_CHECKPOINT|TFDS_DATA_DIR)\s*=.*$", re.M)
+# Lines that change no compiled program: paths, and the seeds of a replicate (launch.Grid.seeds).
+_PLACEHOLDERS = re.compile(r"^(MODEL_DIR|INITIAL_CHECKPOINT|TFDS_DATA_DIR|train\.seed|train\.data_seed)\s*=.*$",
+                           re.M)
 
 
 def config_key(topology: str, decode: bool) -> str:
-  """Hash of the parsed gin configuration (paths left out), the topology and the library versions."""
+  """Hash of the parsed gin configuration (paths and seeds left out), the topology and the library
+  versions."""
   import gin
   config = _PLACEHOLDERS.sub("", gin.config_str())
   blob = json.dumps({"config": config, "topology": topology, "versions": versions(), "decode": decode},

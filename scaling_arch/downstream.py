@@ -15,6 +15,12 @@ validation sets after fine-tuning"); every metric is on a 0-100 scale:
 3. The downstream score is the mean of the GLUE average, the SuperGLUE average and the SQuAD score:
    each benchmark weighs one third, whatever its number of tasks.
 
+4. Offline (no TFDS): when none of the benchmarks' tasks was evaluated, the downstream score is the mean
+   of the offline tasks' scores (`sa_offline_cloze`: exact match of the blanked word;
+   `sa_offline_completion`: sequence accuracy, EM and F1), reported as `offline_score` too; the CPU study
+   fine-tunes on the cloze task.
+   It is a stand-in that lets a CPU run have a downstream axis, not comparable with the study's score.
+
 A metric that is undefined on the predictions (NaN, e.g. a correlation of constant predictions) counts
 as 0. An average is reported only when every task it averages has metrics; otherwise it is left out and
 the missing tasks are listed under `missing` (when some of the benchmarks' tasks were evaluated).
@@ -36,6 +42,7 @@ SUPER_GLUE: dict[str, tuple[str, ...]] = {
     for name in ("boolq", "cb", "copa", "multirc", "record", "rte", "wic", "wsc")
 }
 SQUAD = "sa_squad"
+OFFLINE = ("sa_offline_cloze", "sa_offline_completion")
 
 
 def _finite(value) -> float:
@@ -57,11 +64,12 @@ def downstream_score(task_metrics: Mapping[str, Mapping[str, float]]) -> dict:
   Args:
     task_metrics: {task base name: {metric name: value}}, as inference evaluation reports them, e.g.
       {'sa_glue_mrpc': {'f1': 88.0, 'accuracy': 84.0}, 'sa_squad': {'em': 80.1, 'f1': 88.2}, ...}.
-      Other tasks (e.g. the offline one) are ignored.
+      Offline tasks count only when no benchmark task is there (4. above); other tasks are ignored.
 
   Returns:
     {'task_scores': {'glue_mrpc': 86.0, ..., 'super_glue_cb': ..., 'squad': ...},
-     'glue_average', 'super_glue_average', 'squad_em', 'squad_f1', 'squad_score', 'downstream_score'} with the
+     'glue_average', 'super_glue_average', 'squad_em', 'squad_f1', 'squad_score', 'downstream_score',
+     'offline_score'} with the
     averages only where all their tasks have metrics, and 'missing': [task base names] when some do not.
   """
   out: dict = {"task_scores": {}}
@@ -87,6 +95,14 @@ def downstream_score(task_metrics: Mapping[str, Mapping[str, float]]) -> dict:
     missing.append(SQUAD)
   if len(averages) == 3:
     out["downstream_score"] = sum(averages.values()) / 3
+  offline = [task_score(task_metrics[t]) for t in OFFLINE if task_metrics.get(t)]
+  for t in OFFLINE:
+    if task_metrics.get(t):
+      out["task_scores"][t] = task_score(task_metrics[t])
+  benchmarks_seen = any(task_metrics.get(t) for tasks in list(GLUE.values()) + list(SUPER_GLUE.values())
+                        for t in tasks) or bool(task_metrics.get(SQUAD))
+  if offline and not benchmarks_seen:
+    out["offline_score"] = out["downstream_score"] = sum(offline) / len(offline)
   if missing and len(missing) < sum(len(t) for t in list(GLUE.values()) + list(SUPER_GLUE.values())) + 1:
     out["missing"] = missing  # (not when none of the benchmarks' tasks was evaluated at all)
   return out

@@ -53,7 +53,7 @@ from tasks import finetuning
 
 PREDICTIONS_DIR = "inference_eval"
 SUMMARY_KEYS = ("glue_average", "super_glue_average", "squad_em", "squad_f1", "squad_score",
-                "downstream_score")
+                "offline_score", "downstream_score")
 
 
 class _Interrupted(Exception):

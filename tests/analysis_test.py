@@ -65,6 +65,68 @@ def test_fit_refuses_fewer_than_three_sizes():
     fit_power_law([1.0, 2.0, 3.0], [1.0, -2.0, 3.0])
 
 
+# ---- seed replicates ---------------------------------------------------------------------------------
+def seeded(offsets, alpha=0.05, c=30.0):
+  """Losses y = c * x^-alpha * exp(offset) at 3 sizes x len(offsets[i]) seeds: (x, y, point labels)."""
+  x = np.repeat([1e12, 1e13, 1e14], [len(o) for o in offsets])
+  y = c * x ** -alpha * np.exp(np.concatenate(offsets))
+  return x, y, np.repeat(["s", "m", "l"], [len(o) for o in offsets])
+
+
+def test_seeds_are_fitted_through_their_means():
+  offsets = list(np.random.default_rng(3).normal(0.0, 0.05, (3, 3)))  # 3 sizes x 3 seeds that scatter
+  x, y, points = seeded(offsets)
+  fit = fit_power_law(x, y, direction=-1, groups=points, n_boot=500)
+  mx, my = x.reshape(3, 3).mean(axis=1), y.reshape(3, 3).mean(axis=1)
+  slope, intercept = np.polyfit(np.log(mx), np.log(my), 1)
+  assert fit.alpha == pytest.approx(-slope, rel=1e-9) and fit.intercept == pytest.approx(intercept, rel=1e-9)
+  residual = np.log(my) - (intercept + slope * np.log(mx))
+  assert fit.r2 == pytest.approx(1 - (residual ** 2).sum() / ((np.log(my) - np.log(my).mean()) ** 2).sum())
+  assert (fit.n, fit.seeds_min, fit.seeds_max, fit.x_min, fit.x_max) == (3, 3, 3, 1e12, 1e14)
+  pooled = math.sqrt(sum(((v - v.mean()) ** 2).sum() for v in y.reshape(3, 3)) / 6)
+  assert fit.seed_sd == pytest.approx(pooled, rel=1e-9)
+  x, y, points = seeded([[0.01, -0.01, 0.02], [0.0], [0.03, -0.02]])  # 3, 1 and 2 seeds
+  uneven = fit_power_law(x, y, direction=-1, groups=points, n_boot=500)
+  means = [y[points == p].mean() for p in ("s", "m", "l")]
+  assert uneven.alpha == pytest.approx(-np.polyfit(np.log([1e12, 1e13, 1e14]), np.log(means), 1)[0], rel=1e-9)
+  assert (uneven.n, uneven.seeds_min, uneven.seeds_max) == (3, 1, 3)
+
+
+def test_seed_scatter_widens_the_interval():
+  # The same three seed offsets at every size, in another order: the seed means lie exactly on a power law,
+  # so a fit of the means alone has no scatter to resample; the seeds do.
+  spread = 0.1
+  x, y, points = seeded([[-spread, 0.0, spread], [spread, -spread, 0.0], [0.0, spread, -spread]])
+  means_only = fit_power_law(x.reshape(3, 3).mean(axis=1), y.reshape(3, 3).mean(axis=1), direction=-1)
+  with_seeds = fit_power_law(x, y, direction=-1, groups=points)
+  assert with_seeds.alpha == pytest.approx(0.05, abs=1e-12) == means_only.alpha
+  assert means_only.ci_high - means_only.ci_low < 1e-9  # ignores the seed scatter
+  assert with_seeds.ci_high - with_seeds.ci_low > 0.01  # 0.1 of seed scatter over a decade per size
+  assert with_seeds.ci_low < 0.05 < with_seeds.ci_high
+  x, y, points = seeded([[-0.01, 0.0, 0.01], [0.01, -0.01, 0.0], [0.0, 0.01, -0.01]])
+  small = fit_power_law(x, y, direction=-1, groups=points)
+  assert small.ci_high - small.ci_low < (with_seeds.ci_high - with_seeds.ci_low) / 5  # more scatter, wider
+
+
+def test_one_seed_per_point_is_the_plain_bootstrap_of_the_runs():
+  x, y = synthetic(0.05, n=5, direction=-1, seed=4)
+  n_boot, seed = 300, 11
+  # The case bootstrap as it was before seeds: resample the runs, drop resamples of one x, fit each.
+  idx = np.random.default_rng(seed).integers(0, len(x), size=(n_boot, len(x)))
+  bx, by = np.log(x)[idx], np.log(y)[idx]
+  keep = np.ptp(bx, axis=1) > 0
+  bx, by = bx[keep], by[keep]
+  xm, ym = bx.mean(axis=1, keepdims=True), by.mean(axis=1, keepdims=True)
+  slopes = ((bx - xm) * (by - ym)).sum(axis=1) / ((bx - xm) ** 2).sum(axis=1)
+  for groups in (None, ["e", "a", "d", "b", "c"]):  # labels in any order: points in the order of their run
+    fit = fit_power_law(x, y, direction=-1, n_boot=n_boot, seed=seed, groups=groups)
+    np.testing.assert_array_equal(fit.boot_slope, slopes)
+    tail = 100 * (1 - 0.95) / 2  # as fit_power_law computes it
+    assert (fit.ci_low, fit.ci_high) == (np.percentile(-slopes, tail), np.percentile(-slopes, 100 - tail))
+    assert fit.slope == pytest.approx(np.polyfit(np.log(x), np.log(y), 1)[0], rel=1e-12)
+    assert (fit.n, fit.seeds_min, fit.seeds_max) == (5, 1, 1) and math.isnan(fit.seed_sd)
+
+
 # ---- comparisons -------------------------------------------------------------------------------------
 def two_curves(noise=0.01, seed=0):
   """Losses of A (y = 30 x^-0.08) and B (y = k x^-0.03) at 8 sizes over 1e13..1e16, crossing at x* = 1e15:
@@ -297,6 +359,53 @@ def test_report_builds_from_fixture(experiment, tmp_path, capsys):
   assert tables >= len(headings) and page.count("<table>") == tables
   assert "glu-large" in md and "pretraining running" in md  # the skipped run, and why
   assert "alpha > 0" in md  # the sign convention is stated
+
+
+def test_seed_replicates_are_collected_as_points_and_fitted_through_their_means(tmp_path):
+  root = str(tmp_path / "exp")
+  # vanilla: 3 seeds at the ends of the ladder, 2 between (one replicate without launch_spec.json).
+  noises = {"tiny": [0.03, -0.02, 0.01], "mini": [-0.01, 0.02], "small": [0.02, -0.03], "base": [0.0, 0.01, -0.02]}
+  for size, offsets in noises.items():
+    for seed, noise in enumerate(offsets):
+      variant = f"{size}-s{seed}" if seed else size
+      write_run(root, "vanilla", variant, size_params=PARAMS[size], noise=noise, finetune=False,
+                spec=(variant != "mini-s1"))
+  write_run(root, "vanilla", "small-dl2", size_params=PARAMS["small"], flops_scale=0.75, finetune=False)
+  write_run(root, "vanilla", "small-dl2-s1", size_params=PARAMS["small"], flops_scale=0.75, finetune=False,
+            noise=0.01)
+  table = collect.collect(root).set_index("run")
+  row = table.loc["vanilla-tiny-s1"]
+  assert (row.variant, row.point, row.seed, row["size"], row.knobs, row.protocol, row.series) == (
+      "tiny-s1", "tiny", 1, "tiny", "", "ladder", "ladder")
+  assert (table.loc["vanilla-mini-s1"].point, table.loc["vanilla-mini-s1"].seed) == ("mini", 1)  # from its name
+  assert (table.loc["vanilla-tiny"].point, table.loc["vanilla-tiny"].seed) == ("tiny", 0)
+  depth = table.loc["vanilla-small-dl2-s1"]
+  assert (depth.point, depth.seed, depth.knobs, depth.protocol, depth.series) == (
+      "small-dl2", 1, "dl2", "depth", "small-dl")
+
+  result = study.analyse(collect.collect(root), n_boot=400)
+  assert len(result.points) == 10 and list(result.means.point) == ["tiny", "mini", "small", "base"]
+  assert list(result.means.seeds) == [3, 2, 2, 3]
+  fit = result.alphas.set_index(["metric", "axis"]).loc[("upstream", "flops")]
+  points = result.points
+  mx = points.groupby("point", sort=False).train_flops.mean()
+  my = points.groupby("point", sort=False).upstream_loss.mean()
+  assert fit.alpha == pytest.approx(-np.polyfit(np.log(mx), np.log(my), 1)[0], rel=1e-9)
+  assert (fit.n, fit.seeds_min, fit.seeds_max) == (4, 2, 3) and 0 < fit.seed_sd < 0.05 * my.max()
+  protocols = result.protocols.set_index("variant")  # the depth point against the ladder's small, both means
+  assert list(protocols.index) == ["small-dl2"]
+  assert protocols.loc["small-dl2"].delta_upstream == pytest.approx(
+      points[points.point == "small"].upstream_loss.mean() - table.loc[["vanilla-small-dl2",
+      "vanilla-small-dl2-s1"]].upstream_loss.mean(), rel=1e-9)
+  assert list(result.rank_correlation.matched[:4]) == ["size tiny", "size mini", "size small", "size base"]
+  assert result.extrapolation.set_index(["metric", "axis"]).loc[("upstream", "flops")].actual == pytest.approx(
+      my["base"], rel=1e-12)  # the held-out largest size is its seed mean
+
+  out = str(tmp_path / "out")
+  assert cli.main([root, "--out", out, "--bootstrap", "200"]) == 0
+  assert {"seeds_min", "seeds_max", "seed_sd"} <= set(pd.read_csv(os.path.join(out, "alphas.csv")).columns)
+  md = open(os.path.join(out, "report.md")).read()
+  assert "| seeds |" in md and "| seed sd |" in md and "| 2-3 |" in md and "seeds with replacement" in md
 
 
 # ---- clear errors ------------------------------------------------------------------------------------

@@ -365,7 +365,10 @@ def test_evaluate_a_checkpoint(pretrained, tmp_path, capfd):
   record = read_json(model_dir / 'run.json')
   assert sorted(record['task_metrics']) == ['sa_offline_completion']
   assert sorted(record['task_metrics']['sa_offline_completion']) == ['em', 'f1', 'sequence_accuracy']
-  assert record['missing'] == [] and record['downstream_score'] is None and record['task_scores'] == {}
+  # Offline tasks alone: their score is the downstream score (scaling_arch/downstream.py, 4.)
+  score = record['task_scores']['sa_offline_completion']
+  assert record['missing'] == [] and record['downstream_score'] == record['offline_score'] == score
+  assert list(record['task_scores']) == ['sa_offline_completion'] and 0 <= score <= 100
   with open(model_dir / 'inference_eval' / 'sa_offline_completion-2.jsonl') as f:
     lines = [json.loads(line) for line in f]
   assert len(lines) == 16 and lines[0]['inputs'].startswith('complete: ')

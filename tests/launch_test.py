@@ -171,6 +171,66 @@ def test_variant_names_map_to_macro_overrides():
       parse_variant(bad)
 
 
+def test_seed_knob_is_last_and_binds_train_seeds():
+  v = parse_variant("tiny-s2-kv32-dm128")
+  assert (v.name, v.point, v.seed) == ("tiny-dm128-kv32-s2", "tiny-dm128-kv32", 2)  # s last in canonical order
+  assert v.knobs == (("dm", 128), ("kv", 32))  # the depth / width knobs only
+  assert v.overrides == {"EMBED_DIM": 128, "HEAD_DIM": 32}  # no macro for the seed
+  assert v.seed_bindings == {"train.seed": 2, "train.data_seed": 44}
+  assert parse_variant("base-s1").name == "base-s1" and parse_variant("base-s1").point == "base"
+  bare = parse_variant("tiny-dm128")
+  assert (bare.seed, bare.point, bare.seed_bindings) == (0, "tiny-dm128", {})  # replicate 0: train's defaults
+  assert bare.replicate(3) == parse_variant("tiny-dm128-s3") and v.replicate(0) == parse_variant(v.point)
+  for bad, message in [("tiny-s0", "seed 0 is the variant without the seed knob"), ("tiny-s1-s2", "twice"),
+                       ("tiny-x1", "is not a knob"), ("tiny-sd1", "is not a knob")]:
+    with pytest.raises(LaunchError, match=message):
+      parse_variant(bad)
+
+
+def test_grid_seeds_expand_to_replicates_with_their_own_seeds():
+  from launch.grid import Grid
+  kwargs = dict(name="g", architectures=["vanilla", "glu"], sizes=["tiny-dm64", "tiny-dm96", "tiny-dm128"],
+                variants=["tiny-nl2", "tiny-dm96-s5"], variant_architectures=["glu"],
+                experiment_root="/tmp/unused_g", stages=[("pretrain", "gin/runs/pretrain_local.gin")])
+  plain = {r.name: r for r in Grid(**kwargs).expand()}
+  runs = Grid(**kwargs, seeds={"*": 2, "tiny-dm64": 3, "tiny-nl*": 1}).expand()
+  assert [r.name for r in runs] == [
+      "vanilla-tiny-dm64", "vanilla-tiny-dm64-s1", "vanilla-tiny-dm64-s2", "vanilla-tiny-dm96",
+      "vanilla-tiny-dm96-s1", "vanilla-tiny-dm128", "vanilla-tiny-dm128-s1",
+      "glu-tiny-dm64", "glu-tiny-dm64-s1", "glu-tiny-dm64-s2", "glu-tiny-dm96", "glu-tiny-dm96-s1",
+      "glu-tiny-dm128", "glu-tiny-dm128-s1", "glu-tiny-nl2", "glu-tiny-dm96-s5"]  # last pattern wins
+  by_name = {r.name: r for r in runs}
+  for name, run in plain.items():  # replicate 0 is the run without seeds: same MODEL_DIR, same configuration
+    assert by_name[name].stages[0].model_dir == run.stages[0].model_dir
+    assert by_name[name].stages[0].spec() == run.stages[0].spec()
+  stage = by_name["glu-tiny-dm64-s2"].stages[0]
+  assert stage.model_dir == "/tmp/unused_g/glu-tiny-dm64-s2/pretrain" and stage.variant == "tiny-dm64-s2"
+  assert stage.bindings[-3:] == ("EMBED_DIM = 64", "train.seed = 2", "train.data_seed = 44")
+  assert "--gin.train.seed=2" in stage.train_args() and "--gin.train.data_seed=44" in stage.train_args()
+  assert by_name["glu-tiny-dm96-s5"].stages[0].bindings[-2:] == ("train.seed = 5", "train.data_seed = 47")
+  for bad in (0, 1.5, True):
+    with pytest.raises(LaunchError, match="give a number of seeds"):
+      Grid(**kwargs, seeds={"*": bad})
+
+
+def test_cpu_mini_grid_with_seeds_parses_each_replicate_with_its_seeds():
+  seeds = "launch.Grid.seeds = {'*': 2, 'tiny-dm64-*': 3, 'tiny-dm160-*': 3}"
+  grid = load("gin/grids/cpu_mini.gin", ["EXPERIMENT_ROOT = '/tmp/unused_cpu_mini'", seeds,
+                                         "launch.Grid.architectures = ['vanilla']"])
+  runs = grid.expand()
+  assert [r.variant.name for r in runs] == [
+      "tiny-dm64-ff256-nh1", "tiny-dm64-ff256-nh1-s1", "tiny-dm64-ff256-nh1-s2", "tiny-dm96-ff384-nh1",
+      "tiny-dm96-ff384-nh1-s1", "tiny-dm128-ff512-nh2", "tiny-dm128-ff512-nh2-s1", "tiny-dm160-ff640-nh2",
+      "tiny-dm160-ff640-nh2-s1", "tiny-dm160-ff640-nh2-s2"]
+  for run, stage in parse_every_stage(runs, last_step=200):
+    seed = run.variant.seed
+    if seed:
+      assert (gin.query_parameter("train.seed"), gin.query_parameter("train.data_seed")) == (seed, 42 + seed)
+    else:
+      assert not any(b.startswith(("train.seed", "train.data_seed")) for b in stage.bindings)
+    assert gin.query_parameter("%EMBED_DIM") == int(run.variant.point.split("-")[1][2:])
+
+
 def test_a_self_contained_run_file_is_refused_as_a_stage():
   from launch.grid import Grid
   # quickstart.gin brings its own model and size; the grid sets those, so the stage is refused.
@@ -551,3 +611,28 @@ def test_tpu_vm_dry_run_prints_every_command_and_runs_none(tmp_path, fake_gcloud
                         "--only", "glu-tiny-nl1", "--gin.launch.TpuVm.queued_resource=True",
                         "--gin.launch.TpuVm.spot=True")
   assert "gcloud compute tpus queued-resources create scaling-arch-test-0 --node-id=scaling-arch-test-0" in out
+
+
+def test_cpu_study_grid_has_seeds_at_every_point_and_a_cloze_finetune():
+  grid = load("gin/grids/cpu_study.gin", ["EXPERIMENT_ROOT = '/tmp/unused_cpu_study'"])
+  runs = grid.expand()
+  per_point = {}
+  for run in runs:
+    per_point.setdefault((run.architecture, run.variant.point), []).append(run.variant.seed)
+  assert len(per_point) == 12 * 3 and {a for a, _ in per_point} == set(ARCHITECTURES)
+  for (_, point), seeds in per_point.items():  # 3 seeds at the ends of the ladder, 2 in between
+    assert sorted(seeds) == list(range(3 if point.startswith(("tiny-dm64-", "tiny-dm192-")) else 2)), point
+  widths = sorted({int(p.split("-dm")[1].split("-")[0]) for _, p in per_point})
+  assert widths[-1] ** 2 / widths[0] ** 2 >= 8  # >= 8x in non-embedding parameters (~ d_model^2)
+  parsed = 0
+  for run, stage in parse_every_stage([r for r in runs if r.architecture in ("vanilla", "switch")], last_step=400):
+    parsed += 1
+    assert gin.query_parameter("train.offline_vocab_size") == 2000
+    assert gin.query_parameter("offline_vocabulary.corpus") == "packages"
+    if run.variant.seed:  # replicate 0 keeps train's default seeds
+      assert gin.query_parameter("train.seed") == run.variant.seed
+      assert gin.query_parameter("train.data_seed") == 42 + run.variant.seed
+    if stage.name == "finetune":
+      assert gin.query_parameter("train.task_name") == "sa_offline_cloze"
+      assert gin.query_parameter("cloze_task.corpus") == "packages"
+  assert parsed == 2 * 2 * 8

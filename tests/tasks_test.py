@@ -243,3 +243,28 @@ def test_missing_tfds_dataset_raises(vocab, tmp_path):
   with pytest.raises(DataError, match='no_such_dataset'):
     tasks.get_dataset(unknown, split='validation', feature_lengths=LENGTHS,
                       global_batch_size=BATCH, seed=0, shuffle=False, repeat=False)
+
+
+def test_cloze_examples_blank_one_function_word_deterministically():
+  from tasks import finetuning
+  lines = ["alpha be the gamma delta of epsilon", "a b c off too The", "one two three is four or five",
+           " ".join(f"w{i}" for i in range(40)) + " the"]
+  ds = finetuning._cloze_example(finetuning._has_cloze_word(tf.data.Dataset.from_tensor_slices(lines)))
+  first, second = list(ds.as_numpy_iterator()), list(ds.as_numpy_iterator())
+  assert first == second and len(first) == 2  # no choice (exactly) in the first 32 words: dropped
+  for ex, line in zip(first, [lines[0], lines[2]]):
+    inputs, target = ex["inputs"].decode(), ex["targets"].decode()
+    assert inputs.startswith("fill in: ") and inputs.count(finetuning.CLOZE_BLANK) == 1
+    assert target in finetuning.CLOZE_CHOICES
+    assert inputs[len("fill in: "):].replace(finetuning.CLOZE_BLANK, target) == line
+
+
+def test_offline_scores_are_the_downstream_score_only_without_benchmarks():
+  from scaling_arch import downstream
+  offline = downstream.downstream_score({"sa_offline_cloze": {"sequence_accuracy": 12.5}})
+  assert offline["downstream_score"] == offline["offline_score"] == pytest.approx(12.5)
+  assert offline["task_scores"] == {"sa_offline_cloze": 12.5}
+  mixed = downstream.downstream_score({"sa_offline_cloze": {"sequence_accuracy": 12.5},
+                                       "sa_squad": {"em": 50.0, "f1": 70.0}})
+  assert "offline_score" not in mixed and "downstream_score" not in mixed  # GLUE / SuperGLUE missing
+  assert mixed["squad_score"] == pytest.approx(60.0)

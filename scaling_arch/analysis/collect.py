@@ -8,6 +8,9 @@ starts with `_` (the launcher's `_launch`) or `.`, and `analysis`, are not runs.
 
 Columns:
   run, architecture, variant, size, knobs ('' or e.g. 'dl2'), protocol, series, path
+  point, seed       the variant without its seed knob and the replicate (launch/grid.py): `tiny-dm128-s1`
+                    is seed 1 of the point `tiny-dm128`, which is itself seed 0; knobs, protocol and series
+                    are those of the point
   status            the pretraining stage's status (complete, running, preempted, stopped, failed_...)
   num_params, flops_per_step, steps, train_flops (= flops_per_step * steps, pretraining only),
   tokens_per_step, tokens (= tokens_per_step * steps), steps_per_sec, tokens_per_sec,
@@ -163,6 +166,7 @@ def read_run(root: str, run: str) -> Optional[dict]:
   architecture, variant = _identity(run, record, spec)
   row.update(architecture=architecture, variant=variant.name if variant else "",
              size=variant.size if variant else str(record.get("size", "")),
+             point=variant.point if variant else "", seed=variant.seed if variant else 0,
              knobs="-".join(f"{k}{v}" for k, v in variant.knobs) if variant else "",
              protocol=protocol_of(variant.knobs) if variant else "",
              series=series_of(variant.size, variant.knobs) if variant else "",

@@ -7,7 +7,9 @@
                            and each series (its runs and their anchor size) coloured by protocol
 
 <metric> is `upstream` (y = upstream loss = -neg. log-perplexity, lower is better) or `downstream` (score).
-Both axes are logarithmic, so a fitted power law is a straight line.
+Both axes are logarithmic, so a fitted power law is a straight line. A marker is a point's seed mean (the
+run itself when it has one seed); a point with several seeds also shows its runs as faint dots and the
+standard deviation between them as an error bar.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from matplotlib.figure import Figure  # noqa: E402
 import numpy as np  # noqa: E402
 
 from scaling_arch.analysis.powerlaw import AXES, METRICS  # noqa: E402
-from scaling_arch.analysis.study import LADDER, Study  # noqa: E402
+from scaling_arch.analysis.study import LADDER, Study, seed_means  # noqa: E402
 
 PROTOCOL_COLORS = {"depth": "tab:blue", "width": "tab:orange", "depth+width": "tab:purple"}
 DPI = 110
@@ -55,6 +57,18 @@ def _fit_line(ax, study: Study, metric: str, arch: str, color, **kwargs) -> None
   if fit is not None:
     xs = np.geomspace(fit.x_min, fit.x_max, 30)
     ax.plot(xs, fit.predict(xs), "--", color=color, linewidth=1, **kwargs)
+
+
+def _seeds(ax, means, runs, column: str, color) -> None:
+  """The runs of the points in `means` that have several seeds as faint dots, with the points' seed
+  standard deviation as error bars at their means; nothing for points of one seed."""
+  several = means[means.seeds > 1]
+  if several.empty:
+    return
+  mine = runs[runs.architecture.isin(several.architecture) & runs.point.isin(several.point)]
+  ax.scatter(mine.train_flops, mine[column], s=10, color=color, alpha=0.3, linewidths=0)
+  ax.errorbar(several.train_flops, several[column], yerr=several[f"{column}_sd"], fmt="none", ecolor=color,
+              elinewidth=1, capsize=2)
 
 
 def _minor_labels(span: float) -> ticker.FuncFormatter:
@@ -89,16 +103,18 @@ def _axes_labels(ax, metric: str) -> None:
 
 def scaling_figure(study: Study, metric: str, out_dir: str) -> Optional[list[str]]:
   """All architectures against FLOPs, marker area by parameters; None when no run has the metric."""
-  pts = study.points[np.isfinite(study.points[METRICS[metric].column].to_numpy(float))]
+  column = METRICS[metric].column
+  pts = study.means[np.isfinite(study.means[column].to_numpy(float))]
   if pts.empty:
     return None
   palette = colors(study.points.architecture.unique())
   fig = Figure(figsize=(7.5, 5))
   ax = fig.add_subplot()
   for arch, sub in pts.groupby("architecture"):
-    ax.scatter(sub.train_flops, sub[METRICS[metric].column], s=_marker_area(sub.num_params.to_numpy(float),
-                                                                             pts.num_params.to_numpy(float)),
+    ax.scatter(sub.train_flops, sub[column], s=_marker_area(sub.num_params.to_numpy(float),
+                                                            pts.num_params.to_numpy(float)),
                color=palette[arch], alpha=0.8, edgecolors="black", linewidths=0.5, label=arch)
+    _seeds(ax, sub, study.points, column, palette[arch])
     _fit_line(ax, study, metric, arch, palette[arch])
   _axes_labels(ax, metric)
   ax.set_title(f"{metric}: all architectures ({study.series}); marker area ~ log parameters")
@@ -109,7 +125,7 @@ def scaling_figure(study: Study, metric: str, out_dir: str) -> Optional[list[str
 def baseline_figure(study: Study, metric: str, out_dir: str) -> Optional[list[str]]:
   """One panel per architecture against the baseline; None without baseline runs or other architectures."""
   column = METRICS[metric].column
-  pts = study.points[np.isfinite(study.points[column].to_numpy(float))]
+  pts = study.means[np.isfinite(study.means[column].to_numpy(float))]
   base = pts[pts.architecture == study.baseline]
   others = sorted(set(pts.architecture) - {study.baseline})
   if base.empty or not others:
@@ -121,9 +137,11 @@ def baseline_figure(study: Study, metric: str, out_dir: str) -> Optional[list[st
   for i, arch in enumerate(others):
     ax = fig.add_subplot(rows, cols, i + 1)
     ax.plot(base.train_flops, base[column], "o", color="grey", label=study.baseline)
+    _seeds(ax, base, study.points, column, "grey")
     _fit_line(ax, study, metric, study.baseline, "grey")
     sub = pts[pts.architecture == arch]
     ax.plot(sub.train_flops, sub[column], "o", color=palette[arch], label=arch)
+    _seeds(ax, sub, study.points, column, palette[arch])
     _fit_line(ax, study, metric, arch, palette[arch])
     _axes_labels(ax, metric)
     ax.set_title(arch, fontsize=9)
@@ -134,9 +152,10 @@ def baseline_figure(study: Study, metric: str, out_dir: str) -> Optional[list[st
 
 
 def protocol_figure(study: Study, metric: str, out_dir: str) -> Optional[list[str]]:
-  """Depth versus width: per architecture, the ladder and each depth / width series; None without any."""
+  """Depth versus width: per architecture, the ladder and each depth / width series (seed means); None
+  without any."""
   column = METRICS[metric].column
-  runs = study.runs[study.runs.included.astype(bool)]
+  runs = seed_means(study.runs[study.runs.included.astype(bool)])
   runs = runs[np.isfinite(runs[column].to_numpy(float))]
   archs = sorted(set(runs[runs.protocol != LADDER].architecture))
   if not archs:

@@ -22,9 +22,15 @@ CONVENTIONS = (
     "log x (least squares, natural logs). y is the upstream loss (= -eval_neg_log_perplexity, lower is "
     "better) or the downstream score (higher is better); x is total pretraining FLOPs, parameters, or "
     "seconds per step (1/throughput). **alpha = -slope for upstream and +slope for downstream, so alpha > 0 "
-    "means the architecture improves with scale** on every axis. The interval is the {level:.0%} percentile "
-    "interval of alpha over bootstrap resamples of the runs (with replacement; resamples with fewer than two "
-    "distinct sizes dropped). Only complete pretraining runs are fitted.")
+    "means the architecture improves with scale** on every axis. A size (point) with several seed replicates "
+    "(runs <variant>-s<N>) enters the fit as the mean of its seeds, and the figures show that mean with the "
+    "seeds' standard deviation as an error bar and the seeds as faint dots. The interval is the {level:.0%} "
+    "percentile interval of alpha over two-level bootstrap resamples: the sizes with replacement and, within "
+    "each drawn size, its seeds with replacement, the line fitted through the drawn seeds' means (resamples "
+    "with fewer than two distinct sizes dropped), so it holds the seed-to-seed scatter as well as the choice "
+    "of sizes; with one seed per size it is the plain bootstrap of the runs. In the alpha table, seeds is "
+    "the number of seeds per size (fewest-most) and seed sd the pooled standard deviation of y between the "
+    "seeds of a size. Only complete pretraining runs are fitted.")
 
 
 def fmt(value) -> str:
@@ -61,8 +67,11 @@ def _html_table(df: pd.DataFrame) -> str:
 
 
 def _alpha_view(alphas: pd.DataFrame) -> pd.DataFrame:
-  view = alphas[["architecture", "metric", "axis", "n", "alpha", "ci_low", "ci_high", "r2"]].copy()
-  return view.rename(columns={"ci_low": f"{LEVEL:.0%} CI low", "ci_high": f"{LEVEL:.0%} CI high", "r2": "R²"})
+  view = alphas[["architecture", "metric", "axis", "n", "alpha", "ci_low", "ci_high", "r2", "seed_sd"]].copy()
+  view.insert(4, "seeds", [f"{lo}" if lo == hi else f"{lo}-{hi}" for lo, hi in zip(alphas.seeds_min,
+                                                                                   alphas.seeds_max)])
+  return view.rename(columns={"ci_low": f"{LEVEL:.0%} CI low", "ci_high": f"{LEVEL:.0%} CI high", "r2": "R²",
+                              "seed_sd": "seed sd"})
 
 
 def blocks(study: Study, figures: dict[str, list[str]], root: str) -> list[tuple[str, object]]:
@@ -71,8 +80,8 @@ def blocks(study: Study, figures: dict[str, list[str]], root: str) -> list[tuple
   out: list[tuple[str, object]] = [
       ("h1", f"Scaling-law analysis of {root}"),
       ("p", f"{len(runs)} runs found, {int(runs.included.sum())} with complete pretraining; fitted series: "
-            f"{study.series} ({study.points.architecture.nunique()} architectures, {len(study.points)} runs); "
-            f"baseline: {study.baseline}."),
+            f"{study.series} ({study.points.architecture.nunique()} architectures, {len(study.points)} runs at "
+            f"{len(study.means)} points); baseline: {study.baseline}."),
       ("h2", "Conventions"), ("p", CONVENTIONS.format(level=LEVEL)),
   ]
   if study.notes:
@@ -104,7 +113,7 @@ def blocks(study: Study, figures: dict[str, list[str]], root: str) -> list[tuple
           ("table", study.extrapolation),
           ("h2", "Depth versus width"),
           ("p", "Runs with Scale Efficiently knobs against the same architecture at their base size "
-                "(ratios and differences: variant minus base)."),
+                "(ratios and differences: variant minus base; seed means where a point has several seeds)."),
           ("table", study.protocols)]
   out += [("figure", s) for s in figures if s.startswith("protocols_")]
   return out

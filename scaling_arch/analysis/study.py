@@ -4,6 +4,11 @@ Which runs are fitted: the complete pretraining runs of one series (collect.py):
 ladder (bare sizes: tiny, mini, small, ...), one point per size; `series='tiny-nl'` fits along a depth or
 width series instead (its runs plus their anchor, e.g. tiny-nl1, tiny-nl2 and tiny). An architecture with
 fewer than three points is left out of the fits (a note says so); when none has three, AnalysisError.
+
+Seeds: a point's seed replicates (runs `<variant>-s<N>`, collect.py's `point` and `seed`) are fitted through
+their mean with a two-level bootstrap (powerlaw.py); alphas.csv gives per fit the seeds per point (min /
+max) and the pooled seed standard deviation of y. The other comparisons (extrapolation, rank correlation,
+depth versus width) read the seed means, `seed_means()`, one row per architecture and point.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ LADDER = "ladder"
 class Study:
   """The tables of an analysis (each also written as CSV) and the fits they come from."""
   runs: pd.DataFrame
-  points: pd.DataFrame
+  points: pd.DataFrame  # the fitted runs, seeds included
+  means: pd.DataFrame  # their seed means: one row per architecture and point (seed_means)
   series: str
   baseline: str
   fits: dict  # (metric, axis, architecture) -> PowerLawFit
@@ -59,24 +65,49 @@ def series_points(runs: pd.DataFrame, series: str) -> pd.DataFrame:
   return included[(included.series == series) | ((included.protocol == LADDER) & (included["size"] == anchor))]
 
 
-def _xy(sub: pd.DataFrame, metric: str, axis: str) -> tuple[np.ndarray, np.ndarray]:
+def with_points(runs: pd.DataFrame) -> pd.DataFrame:
+  """The runs table with `point` and `seed` (a table collected before seeds existed: each run seed 0 of
+  its own variant)."""
+  if "point" in runs.columns and "seed" in runs.columns:
+    return runs
+  return runs.assign(point=runs.variant, seed=0)
+
+
+def seed_means(runs: pd.DataFrame) -> pd.DataFrame:
+  """One row per (architecture, point) of `runs`, in the order of their first run: every numeric column
+  averaged over the point's seeds, the other columns from its first run, `variant` the point, `seeds` the
+  number of runs and `<metric column>_sd` each fitted metric's standard deviation over them (NaN for one)."""
+  keys = ["architecture", "point"]
+  numeric = [c for c in runs.select_dtypes("number").columns if c != "seed"]
+  grouped = runs.groupby(keys, sort=False)
+  out = grouped[[c for c in runs.columns if c not in numeric + keys]].first().join(grouped[numeric].mean())
+  out["seeds"] = grouped.size()
+  for m in METRICS.values():
+    out[f"{m.column}_sd"] = grouped[m.column].std()
+  out = out.reset_index()
+  out["variant"] = out["point"]
+  return out
+
+
+def _xy(sub: pd.DataFrame, metric: str, axis: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """x, y and the point of each run of `sub` that has both (finite and positive)."""
   x, y = sub[AXES[axis].column].to_numpy(float), sub[METRICS[metric].column].to_numpy(float)
   ok = np.isfinite(x) & np.isfinite(y) & (x > 0) & (y > 0)
-  return x[ok], y[ok]
+  return x[ok], y[ok], sub["point"].to_numpy(str)[ok]
 
 
 def _fit_all(points: pd.DataFrame, series: str, n_boot: int, seed: int):
   fits, rows, notes = {}, [], []
   for arch, sub in points.groupby("architecture", sort=True):
     for metric, axis in itertools.product(METRICS, AXES):
-      x, y = _xy(sub, metric, axis)
+      x, y, groups = _xy(sub, metric, axis)
       if not len(x):
         notes.append({"architecture": arch, "metric": metric, "axis": axis,
                       "reason": f"no run has both {AXES[axis].column} and {METRICS[metric].column}"})
         continue
       what = f"{arch} {metric} vs {axis} ({series})"
       fit, why = maybe_fit(x, y, direction=METRICS[metric].direction, what=what, n_boot=n_boot,
-                           seed=seed_for(arch, metric, axis, base=seed))
+                           seed=seed_for(arch, metric, axis, base=seed), groups=groups)
       if fit is None:
         notes.append({"architecture": arch, "metric": metric, "axis": axis, "reason": why})
         continue
@@ -84,9 +115,10 @@ def _fit_all(points: pd.DataFrame, series: str, n_boot: int, seed: int):
       rows.append({"architecture": arch, "metric": metric, "axis": axis, "n": fit.n, "alpha": fit.alpha,
                    "ci_low": fit.ci_low, "ci_high": fit.ci_high, "r2": fit.r2, "slope": fit.slope,
                    "c": math.exp(fit.intercept), "x_min": fit.x_min, "x_max": fit.x_max,
-                   "n_boot": len(fit.boot_slope)})
+                   "n_boot": len(fit.boot_slope), "seeds_min": fit.seeds_min, "seeds_max": fit.seeds_max,
+                   "seed_sd": fit.seed_sd})
   columns = ["architecture", "metric", "axis", "n", "alpha", "ci_low", "ci_high", "r2", "slope", "c", "x_min",
-             "x_max", "n_boot"]
+             "x_max", "n_boot", "seeds_min", "seeds_max", "seed_sd"]
   return fits, pd.DataFrame(rows, columns=columns), pd.DataFrame(notes, columns=["architecture", "metric",
                                                                                    "axis", "reason"])
 
@@ -124,11 +156,11 @@ def _regions(fits: dict) -> pd.DataFrame:
   return pd.DataFrame(rows, columns=["metric", "axis", "best", "from", "to"])
 
 
-def _extrapolation(points: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
+def _extrapolation(means: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
   rows = []
-  for arch, sub in points.groupby("architecture", sort=True):
+  for arch, sub in means.groupby("architecture", sort=True):
     for metric, axis in itertools.product(METRICS, AXES):
-      x, y = _xy(sub, metric, axis)
+      x, y, _ = _xy(sub, metric, axis)
       if len(np.unique(x)) < MIN_SIZES + 1:
         continue
       e = compare.extrapolate(x, y, direction=METRICS[metric].direction, what=f"{arch} {metric} vs {axis}",
@@ -140,9 +172,9 @@ def _extrapolation(points: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame
                                      "rel_error", "pred_low", "pred_high", "covered"])
 
 
-def _rank_correlation(points: pd.DataFrame, fits: dict) -> pd.DataFrame:
+def _rank_correlation(means: pd.DataFrame, fits: dict) -> pd.DataFrame:
   rows = []
-  for variant, sub in points.groupby("variant", sort=False):
+  for variant, sub in means.groupby("point", sort=False):
     r = compare.rank_correlation(list(sub.architecture), sub.neg_log_perplexity, sub.downstream_score)
     rows.append({"matched": f"size {variant}", "x": math.nan, "n": r.n, "rho": r.rho, "p_value": r.p_value,
                  "note": r.note})
@@ -163,7 +195,7 @@ def _rank_correlation(points: pd.DataFrame, fits: dict) -> pd.DataFrame:
 
 
 def _protocols(runs: pd.DataFrame) -> pd.DataFrame:
-  included = runs[runs.included.astype(bool)]
+  included = seed_means(runs[runs.included.astype(bool)])
   anchors = included[included.protocol == LADDER].set_index(["architecture", "size"])
   rows = []
   for r in included[included.protocol != LADDER].itertuples():
@@ -183,7 +215,9 @@ def _protocols(runs: pd.DataFrame) -> pd.DataFrame:
 def analyse(runs: pd.DataFrame, *, series: str = LADDER, baseline: str = "vanilla", n_boot: int = N_BOOT,
             seed: int = 0) -> Study:
   """Fits every architecture of `series` on every cost axis and metric, and compares them."""
+  runs = with_points(runs)
   points = series_points(runs, series)
+  means = seed_means(points)
   fits, alphas, fit_notes = _fit_all(points, series, n_boot, seed)
   if not any(m == "upstream" for (m, _, _) in fits):
     raise _no_fit_error(runs, points, series)
@@ -198,7 +232,7 @@ def analyse(runs: pd.DataFrame, *, series: str = LADDER, baseline: str = "vanill
   if baseline not in set(points.architecture):
     notes.append(f"the baseline {baseline!r} has no fitted runs: the baseline figure is left out.")
   skipped = runs[~runs.included.astype(bool)][["run", "status", "skip_reason"]].reset_index(drop=True)
-  return Study(runs=runs, points=points, series=series, baseline=baseline, fits=fits, alphas=alphas,
-               fit_notes=fit_notes, crossovers=_crossovers(fits), regions=_regions(fits),
-               extrapolation=_extrapolation(points, n_boot, seed), rank_correlation=_rank_correlation(points, fits),
+  return Study(runs=runs, points=points, means=means, series=series, baseline=baseline, fits=fits,
+               alphas=alphas, fit_notes=fit_notes, crossovers=_crossovers(fits), regions=_regions(fits),
+               extrapolation=_extrapolation(means, n_boot, seed), rank_correlation=_rank_correlation(means, fits),
                protocols=_protocols(runs), skipped=skipped, notes=notes)
