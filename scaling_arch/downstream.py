@@ -95,14 +95,12 @@ def downstream_score(task_metrics: Mapping[str, Mapping[str, float]]) -> dict:
     missing.append(SQUAD)
   if len(averages) == 3:
     out["downstream_score"] = sum(averages.values()) / 3
-  offline = [task_score(task_metrics[t]) for t in OFFLINE if task_metrics.get(t)]
-  for t in OFFLINE:
-    if task_metrics.get(t):
-      out["task_scores"][t] = task_score(task_metrics[t])
+  offline = {t: task_score(task_metrics[t]) for t in OFFLINE if task_metrics.get(t)}
+  out["task_scores"].update(offline)
   benchmarks_seen = any(task_metrics.get(t) for tasks in list(GLUE.values()) + list(SUPER_GLUE.values())
                         for t in tasks) or bool(task_metrics.get(SQUAD))
   if offline and not benchmarks_seen:
-    out["offline_score"] = out["downstream_score"] = sum(offline) / len(offline)
+    out["offline_score"] = out["downstream_score"] = sum(offline.values()) / len(offline)
   if missing and len(missing) < sum(len(t) for t in list(GLUE.values()) + list(SUPER_GLUE.values())) + 1:
     out["missing"] = missing  # (not when none of the benchmarks' tasks was evaluated at all)
   return out
