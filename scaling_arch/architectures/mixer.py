@@ -17,9 +17,13 @@ zeroed before mixing. Packed examples never mix:
     of its slot): ranks 2^i - 1 .. 2^(i+1) - 2 form group i, whose slots hold L // 2^i positions (the
     k-th longest of examples sharing L positions has at most L / k tokens). Group i costs as much as one
     unpacked mixer (2^i slots of L / 2^i positions) plus 2^i hiddens, so a row of n examples is exact at
-    ceil(log2(n + 1)) mixers' matmul FLOPs and 2^G - 1 >= n hiddens. The group count G is chosen at run
-    time (a `lax.switch`) for the batch's most-packed row: an unpacked batch (evaluation, decoding) costs
-    exactly one mixer. Every example of every row is mixed, whatever their number.
+    ceil(log2(n + 1)) mixers' matmul FLOPs and 2^G - 1 >= n hiddens. Each group past the first runs under
+    its own `lax.cond`, only when the batch's most-packed row needs it: an unpacked batch (evaluation,
+    decoding) costs exactly one mixer. Every example of every row is mixed, whatever their number.
+  Memory: a group's hiddens are computed `slots_per_pass` slots at a time (a loop over passes for larger
+  groups) and every group past the first is rematerialized on its own, so a step holds one pass's hiddens
+  at a time. (A single `lax.switch` over G = 1..10 made XLA and JAX's autodiff size the step's buffers for
+  the largest branch, and for the residuals of all branches: 58 GiB per v3 core at base.)
 
 Lengths: a sequence longer than the configured length is an error (`MixerLengthError`, a ValueError naming
 the macro to set). A shorter one is accepted and treated as padded to the configured length: padding
@@ -78,10 +82,65 @@ def _group_offsets(num_groups: int, length: int):
   return capacities, np.asarray(offsets, np.int32)
 
 
-def _mix_examples(num_groups: int, x, slot, position, w1, b1, w2, b2, dtype):
-  """Token-mixing MLP applied separately to each packed example of each row (up to 2^num_groups - 1 of
-  them), in length-ranked slots whose capacity halves from group to group (module docstring)."""
+def _mix_slots(x, start, size, w1, b1, w2, b2, dtype):
+  """The token-mixing MLP on slots of `cap` positions: example tokens x[b, start + p] for p < size, zero
+  past the example's end. start, size [B, n]; w1 [D_S, cap], w2 [cap, D_S]. Returns [B, n, cap, d]."""
+  cap = w2.shape[0]
+  length = x.shape[1]
+  p = jnp.arange(cap, dtype=jnp.int32)
+  source = jnp.clip(start[..., None] + p, 0, length - 1)                   # [B, n, cap]
+  valid = (p < size[..., None]).astype(dtype)
+  unpacked = jax.vmap(lambda xb, ib: xb[ib])(x, source) * valid[..., None]   # [B, n, cap, d]
+  h = jnp.einsum("jp,bgpc->bgjc", w1.astype(dtype), unpacked) + b1.astype(dtype)[:, None]
+  h = jax.nn.gelu(h, approximate=True)
+  return jnp.einsum("pj,bgjc->bgpc", w2.astype(dtype), h) + b2.astype(dtype)[:, None]
+
+
+def _mix_group(x, start, size, w1, b1, w2, b2, dtype, slots_per_pass: int):
+  """One slot group: its 2^i slots mixed `slots_per_pass` at a time (a loop over passes when the group
+  holds more), each pass rematerialized in the backward, so that only one pass's hiddens [B, n, D_S, d]
+  are alive at a time. Returns [B, 2^i * cap, d]."""
+  batch, num, d = x.shape[0], start.shape[1], x.shape[2]
+  cap = w2.shape[0]
+  mix = jax.checkpoint(lambda s, n: _mix_slots(x, s, n, w1, b1, w2, b2, dtype))
+  if num <= slots_per_pass:
+    y = mix(start, size)
+  else:
+    passes = num // slots_per_pass                                          # both powers of 2
+    split = lambda a: a.reshape(batch, passes, slots_per_pass).transpose(1, 0, 2)
+    y = jax.lax.map(lambda sn: mix(*sn), (split(start), split(size)))    # [P, B, n, cap, d]
+    y = y.transpose(1, 0, 2, 3, 4)
+  return y.reshape(batch, num * cap, d)
+
+
+def _recomputed_in_backward(fn):
+  """`fn` with a backward pass that runs its forward again: its only residuals are its inputs, whatever
+  rematerialization policy encloses it. (Under the layers' `dots_no_batch` policy a slot's hidden, an
+  einsum with no batch dimension in dot_general's sense, is saveable; a nested `jax.checkpoint` does not
+  stop the enclosing policy from saving every group's hiddens for every layer: 63 GiB per v3 core at
+  base.)"""
+  @jax.custom_vjp
+  def recomputed(*args):
+    return fn(*args)
+
+  def forward(*args):
+    return fn(*args), args
+
+  def backward(args, cotangent):
+    return jax.vjp(fn, *args)[1](cotangent)
+
+  recomputed.defvjp(forward, backward)
+  return recomputed
+
+
+def _mix_examples(x, slot, position, w1, b1, w2, b2, *, dtype, slots_per_pass: int):
+  """Token-mixing MLP applied separately to each packed example of each row, in length-ranked slots whose
+  capacity halves from group to group (module docstring). Group i runs only when some row of the batch
+  holds more than 2^i - 1 examples (a `lax.cond` per group: an unpacked batch runs group 0 alone), and
+  every group past the first is rematerialized on its own, so the backward holds one group's buffers at
+  a time rather than those of every group the layout allows."""
   batch, length, d = x.shape
+  num_groups = num_mixers(length)
   num_slots = 2 ** num_groups - 1
   idx = jnp.arange(length, dtype=jnp.int32)
   dropped = jnp.where(slot < 0, num_slots, slot)          # padding: an index past the end, dropped
@@ -89,20 +148,21 @@ def _mix_examples(num_groups: int, x, slot, position, w1, b1, w2, b2, dtype):
   starts = jax.vmap(lambda s: jnp.full(num_slots, length, jnp.int32).at[s].min(idx, mode="drop"))(dropped)
   order = jnp.argsort(-lengths, axis=-1, stable=True).astype(jnp.int32)    # [B, S]: slot of each rank
   rank = jnp.argsort(order, axis=-1).astype(jnp.int32)                     # [B, S]: rank of each slot
+  needed = jnp.max(slot) + 1                               # examples in the batch's most-packed row
   capacities, offsets = _group_offsets(num_groups, length)
   outputs = []
   for i, cap in enumerate(capacities):
     ranked = order[:, 2 ** i - 1:2 ** (i + 1) - 1]                          # [B, 2^i]
     start = jnp.take_along_axis(starts, ranked, axis=1)
     size = jnp.take_along_axis(lengths, ranked, axis=1)
-    p = jnp.arange(cap, dtype=jnp.int32)
-    source = jnp.clip(start[..., None] + p, 0, length - 1)                 # [B, 2^i, cap]
-    valid = (p < size[..., None]).astype(dtype)
-    unpacked = jax.vmap(lambda xb, ib: xb[ib])(x, source) * valid[..., None]   # [B, 2^i, cap, d]
-    h = jnp.einsum("jp,bgpc->bgjc", w1[:, :cap].astype(dtype), unpacked) + b1.astype(dtype)[:, None]
-    h = jax.nn.gelu(h, approximate=True)
-    y = jnp.einsum("pj,bgjc->bgpc", w2[:cap].astype(dtype), h) + b2[:cap].astype(dtype)[:, None]
-    outputs.append(y.reshape(batch, -1, d))
+    args = (x, start, size, w1[:, :cap], b1, w2[:cap], b2[:cap])
+    if i == 0:
+      outputs.append(_mix_slots(*args, dtype=dtype).reshape(batch, length, d))
+      continue
+    group = _recomputed_in_backward(
+        lambda *a: _mix_group(*a, dtype=dtype, slots_per_pass=slots_per_pass))
+    empty = lambda *a, n=2 ** i * cap: jnp.zeros((batch, n, d), dtype)
+    outputs.append(jax.lax.cond(needed >= 2 ** i, group, empty, *args))
   flat_y = jnp.concatenate(outputs, axis=1)
   token_rank = jnp.take_along_axis(rank, jnp.clip(slot, 0, num_slots - 1), axis=1)
   flat = jnp.asarray(offsets)[token_rank] + position
@@ -126,12 +186,17 @@ class TokenMixing(nn.Module):
   hidden_dim: Optional[int] = None     # D_S; None: d // 2 (the Mixer's ratio)
   length_macro: str = "INPUT_LENGTH"   # named in the length error
   allow_shorter: bool = True           # a shorter sequence is taken as padded to max_length
+  slots_per_pass: int = 8              # packed examples mixed at once (a power of 2): memory vs. loop steps
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, inputs_q, inputs_kv, attention_inputs: AttentionInputs, *, deterministic: bool,
                decode: bool = False):
     del inputs_kv, deterministic, decode
+    if self.slots_per_pass < 1 or self.slots_per_pass & (self.slots_per_pass - 1):
+      raise errors.ConfigError(
+          f"architectures.TokenMixing.slots_per_pass = {self.slots_per_pass}: it must be a power of 2 "
+          "(the slot groups hold 1, 2, 4, ... examples); 8 is the default.")
     batch, length, d = inputs_q.shape
     _check_length(type(self).__name__, length, self.max_length, self.length_macro, self.allow_shorter)
     hidden = self.hidden_dim or d // 2
@@ -149,13 +214,8 @@ class TokenMixing(nn.Module):
     x = inputs_q * (segment_ids > 0)[..., None].astype(self.dtype)
     slot, position = segment_layout(segment_ids)
 
-    # Groups 1, 2, ...: the fewest whose 2^G - 1 slots hold the most-packed row of the batch.
-    max_groups = num_mixers(length)
-    needed = jnp.max(slot) + 1
-    groups = sum((needed >= 2 ** k).astype(jnp.int32) for k in range(max_groups))   # bit length
-    branch = jnp.clip(groups - 1, 0, max_groups - 1)
-    branches = [lambda *a, g=g: _mix_examples(g, *a, dtype=self.dtype) for g in range(1, max_groups + 1)]
-    y = jax.lax.switch(branch, branches, x, slot, position, w1, b1, w2, b2)
+    y = _mix_examples(x, slot, position, w1, b1, w2, b2, dtype=self.dtype,
+                      slots_per_pass=self.slots_per_pass)
     return nn.with_logical_constraint(y, ("batch", "length", "embed"))
 
 
