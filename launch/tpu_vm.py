@@ -35,7 +35,7 @@ from launch import records
 from launch.grid import LaunchError, Run, Stage
 from launch.scheduler import Backend, Job
 
-DEFAULT_INSTALL = ('{python} -m pip install -q -e . "jax[tpu]" && '
+DEFAULT_INSTALL = ('{python} -m pip install -q -e ".[tpu]" && '
                    '{python} -m pip install -q --no-deps "t5==0.9.4"')
 SHIP_PATHS = ("setup.py", "scaling_arch", "tasks", "gin")
 REMOTE_PID = "~/.scaling_arch_train.pid"
