@@ -213,37 +213,44 @@ CLOZE_BLANK = '<extra_id_0>'
 # The words a cloze example may blank out: frequent function words, so the task is a 12-way choice that
 # context decides (syntax and meaning).
 CLOZE_CHOICES = ('the', 'of', 'and', 'to', 'in', 'is', 'for', 'that', 'with', 'as', 'by', 'or')
-_CLOZE_PATTERN = '|'.join(CLOZE_CHOICES)
 
 
-@seqio.map_over_dataset
-def _cloze_example(line):
-  """A paragraph -> its first (up to) 32 words with one of the CLOZE_CHOICES words blanked out; target:
-  that word. Which one follows from a hash of the line: the same example on every machine and pass."""
-  words = tf.strings.split(line)[:CLOZE_WORDS]
-  candidates = tf.where(tf.strings.regex_full_match(words, _CLOZE_PATTERN))[:, 0]
-  h = tf.strings.to_hash_bucket_fast(line, 2**31 - 1)
-  pick = tf.cast(candidates[h % tf.size(candidates, out_type=tf.int64)], tf.int32)
-  blanked = tf.tensor_scatter_nd_update(words, [[pick]], [CLOZE_BLANK])
-  return {'inputs': tf.strings.join(['fill in:', tf.strings.reduce_join(blanked, separator=' ')], separator=' '),
-          'targets': words[pick]}
+def _blank_word(word: str):
+  """A paragraph that holds `word` among its first 32 words -> those words with one occurrence of it
+  (picked by a hash of the line: the same on every machine and pass) blanked out; target: the word."""
+  def blank(line):
+    words = tf.strings.split(line)[:CLOZE_WORDS]
+    candidates = tf.where(tf.equal(words, word))[:, 0]
+    h = tf.strings.to_hash_bucket_fast(line, 2**31 - 1)
+    pick = tf.cast(candidates[h % tf.size(candidates, out_type=tf.int64)], tf.int32)
+    blanked = tf.tensor_scatter_nd_update(words, [[pick]], [CLOZE_BLANK])
+    return {'inputs': tf.strings.join(['fill in:', tf.strings.reduce_join(blanked, separator=' ')],
+                                      separator=' '),
+            'targets': tf.constant(word)}
+  return blank
 
 
-def _has_cloze_word(dataset):
-  """Keeps the lines whose first 32 words include one of the CLOZE_CHOICES (one to blank out)."""
-  return dataset.filter(lambda line: tf.reduce_any(
-      tf.strings.regex_full_match(tf.strings.split(line)[:CLOZE_WORDS], _CLOZE_PATTERN)))
+def _balanced_cloze(dataset):
+  """One stream of examples per CLOZE_CHOICES word (the lines holding it, that word blanked), taken in
+  turn: every answer is equally frequent, so answering one word everywhere scores 1/12 and a score above
+  that needs the context. Ends when the rarest word's lines run out."""
+  streams = [dataset.filter(lambda line, w=word: tf.reduce_any(tf.equal(
+                 tf.strings.split(line)[:CLOZE_WORDS], w))).map(_blank_word(word),
+                                                                num_parallel_calls=tf.data.AUTOTUNE)
+             for word in CLOZE_CHOICES]
+  turns = tf.data.Dataset.range(len(CLOZE_CHOICES)).repeat()
+  return tf.data.Dataset.choose_from_datasets(streams, turns, stop_on_empty_dataset=True)
 
 
 @gin.configurable
 def cloze_task(vocabulary, cache_dir: str | None = None, corpus: str = 'cpython') -> seqio.Task:
   """An offline task for fine-tuning without TFDS, meant to give the CPU study a graded downstream score:
   fill in a blanked-out function word (one of the 12 CLOZE_CHOICES) of a sentence of an offline corpus
-  (gin: `cloze_task.corpus`, e.g. 'packages'), scored by exact match (t5's sequence accuracy); the
-  majority answer ('the') scores about 26%. Measured so far (vanilla d64 / d192 pretrained 200 steps on
-  'packages', fine-tuned 100-300 steps at finetune_local.gin's constant 1e-3): both still answer 'the'
-  everywhere (25.98%), as the completion task stays at 0 and a word-order classification stayed at chance
-  (issue 16's note). Being close to the pretraining objective, it tells less than GLUE about transfer.
+  (gin: `cloze_task.corpus`, e.g. 'packages'), scored by exact match (t5's sequence accuracy). The 12
+  answers are equally frequent (`_balanced_cloze`), so chance and the majority answer both score 1/12:
+  with the natural frequencies 'the' alone scored 26%, which is what vanilla d64 / d192 (pretrained 200
+  steps on 'packages', fine-tuned 100-300 steps at constant 1e-3) answered everywhere. Being close to the
+  pretraining objective, it tells less than GLUE about transfer.
   """
   files = offline_corpus.corpus_files(cache_dir, corpus)
   name = f'{CLOZE_TASK}_{_suffix(vocabulary, files["train"], files["validation"])}'
@@ -253,7 +260,7 @@ def cloze_task(vocabulary, cache_dir: str | None = None, corpus: str = 'cpython'
   return seqio.TaskRegistry.add(
       name, source=source, output_features=_features(vocabulary),
       metric_fns=[t5_metrics.sequence_accuracy],
-      preprocessors=[_has_cloze_word, _cloze_example, seqio.preprocessors.tokenize,
+      preprocessors=[_balanced_cloze, seqio.preprocessors.tokenize,
                      seqio.CacheDatasetPlaceholder(), seqio.preprocessors.append_eos_after_trim])
 
 

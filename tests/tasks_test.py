@@ -245,18 +245,24 @@ def test_missing_tfds_dataset_raises(vocab, tmp_path):
                       global_batch_size=BATCH, seed=0, shuffle=False, repeat=False)
 
 
-def test_cloze_examples_blank_one_function_word_deterministically():
+def test_cloze_examples_are_balanced_over_the_answers_and_deterministic():
   from tasks import finetuning
-  lines = ["alpha be the gamma delta of epsilon", "a b c off too The", "one two three is four or five",
-           " ".join(f"w{i}" for i in range(40)) + " the"]
-  ds = finetuning._cloze_example(finetuning._has_cloze_word(tf.data.Dataset.from_tensor_slices(lines)))
+  choices = finetuning.CLOZE_CHOICES
+  lines = [f"x{k} alpha {w} beta{k} gamma" for w in choices for k in range(2)]
+  lines += ["the of and to in is a common opening",           # the first six words' streams get a third
+            "a b c off too The Of",                              # no choice (exactly): in no stream
+            " ".join(f"w{i}" for i in range(40)) + " the"]       # 'the' past the first 32 words
+  ds = finetuning._balanced_cloze(tf.data.Dataset.from_tensor_slices(lines))
   first, second = list(ds.as_numpy_iterator()), list(ds.as_numpy_iterator())
-  assert first == second and len(first) == 2  # no choice (exactly) in the first 32 words: dropped
-  for ex, line in zip(first, [lines[0], lines[2]]):
+  assert first == second
+  targets = [ex["targets"].decode() for ex in first]
+  # In turn, one per answer, until an answer's lines run out ('for' after two rounds).
+  assert targets == list(choices) * 2 + list(choices[:6])
+  for ex in first:
     inputs, target = ex["inputs"].decode(), ex["targets"].decode()
     assert inputs.startswith("fill in: ") and inputs.count(finetuning.CLOZE_BLANK) == 1
-    assert target in finetuning.CLOZE_CHOICES
-    assert inputs[len("fill in: "):].replace(finetuning.CLOZE_BLANK, target) == line
+    restored = inputs[len("fill in: "):].replace(finetuning.CLOZE_BLANK, target)
+    assert restored in lines[:-2], restored
 
 
 def test_offline_scores_are_the_downstream_score_only_without_benchmarks():
