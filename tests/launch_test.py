@@ -381,6 +381,17 @@ def e2e(tmp_path_factory):
   return story
 
 
+def test_local_stages_share_a_persistent_compilation_cache(monkeypatch, tmp_path):
+  from launch.local import Local
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+  monkeypatch.setenv("HOME", str(tmp_path))
+  assert Local().environment()["JAX_COMPILATION_CACHE_DIR"] == str(
+      tmp_path / ".cache/scaling_arch/jax_compilation")
+  assert "JAX_COMPILATION_CACHE_DIR" not in Local(compilation_cache_dir=None).environment()
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/elsewhere")  # the user's own setting wins
+  assert Local().environment()["JAX_COMPILATION_CACHE_DIR"] == "/elsewhere"
+
+
 def test_killed_launcher_leaves_a_checkpoint_and_the_rerun_resumes_from_it(e2e):
   assert e2e.a_record["status"] == "preempted", e2e.a_output  # SIGTERM reached the stage: it checkpointed
   stopped_at = e2e.a_record["step"]
