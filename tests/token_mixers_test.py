@@ -230,6 +230,28 @@ def test_encoder_mixer_step_memory_is_bounded_whatever_a_row_may_hold(policy):
   assert temp < every_hidden, (temp / 2 ** 20, every_hidden / 2 ** 20)
 
 
+def test_encoder_mixer_cost_counts_one_mixer_per_layer():
+  """FLOPs per step are measured on the unrolled trace (transformer.unrolled_scans): there the Mixer counts
+  the unpacked row's one mixer, not the conditional slot groups that only packed batches run."""
+  from scaling_arch.layers import transformer
+  batch, length, d = 2, 64, 32
+  module = mixer.TokenMixing(max_length=length)
+  x = jnp.ones((batch, length, d), jnp.float32)
+  seg = jnp.ones((batch, length), jnp.int32)
+  params, _ = init_mixer(module, x, seg)
+
+  def flops():
+    loss = lambda p, x, seg: jnp.sum(module.apply(
+        {"params": p}, x, x, attention.self_attention_inputs(seg, causal=False), deterministic=True) ** 2)
+    return jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x, seg).cost_analysis()["flops"]
+
+  with transformer.unrolled_scans():
+    counted = flops()
+  one_mixer = 2 * 2 * batch * (d // 2) * length * d          # forward: two matmuls over the length
+  assert 2 * one_mixer <= counted <= 5 * one_mixer, (counted, one_mixer)  # forward + backward
+  assert flops() > 2 * counted                               # the groups, when traced to run
+
+
 def test_causal_mixer_is_causal_packed_prefix_sliceable_and_decodes():
   rng = np.random.RandomState(4)
   module = mixer.CausalTokenMixing(max_length=10)

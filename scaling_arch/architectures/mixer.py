@@ -24,6 +24,8 @@ zeroed before mixing. Packed examples never mix:
   groups) and every group past the first is rematerialized on its own, so a step holds one pass's hiddens
   at a time. (A single `lax.switch` over G = 1..10 made XLA and JAX's autodiff size the step's buffers for
   the largest branch, and for the residuals of all branches: 58 GiB per v3 core at base.)
+  FLOPs per step (`Trainer.flops_per_step`, the plan's roofline) count one mixer per layer, the cost of
+  unpacked rows: the groups a packed batch adds depend on its data (each about +7% of the step at base).
 
 Lengths: a sequence longer than the configured length is an error (`MixerLengthError`, a ValueError naming
 the macro to set). A shorter one is accepted and treated as padded to the configured length: padding
@@ -39,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from scaling_arch import errors
+from scaling_arch.layers import transformer
 from scaling_arch.layers.attention import AttentionInputs
 
 
@@ -158,6 +161,9 @@ def _mix_examples(x, slot, position, w1, b1, w2, b2, *, dtype, slots_per_pass: i
     args = (x, start, size, w1[:, :cap], b1, w2[:cap], b2[:cap])
     if i == 0:
       outputs.append(_mix_slots(*args, dtype=dtype).reshape(batch, length, d))
+      continue
+    if transformer.tracing_for_cost():   # FLOPs per step: an unpacked row, one mixer (module docstring)
+      outputs.append(jnp.zeros((batch, 2 ** i * cap, d), dtype))
       continue
     group = _recomputed_in_backward(
         lambda *a: _mix_group(*a, dtype=dtype, slots_per_pass=slots_per_pass))

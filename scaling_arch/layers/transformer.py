@@ -54,6 +54,12 @@ def unrolled_scans():
     _UNROLL.reset(token)
 
 
+def tracing_for_cost() -> bool:
+  """True inside unrolled_scans(): the trace is measured, not run. A layer whose work depends on the data
+  (the Mixer's slot groups for packed rows) counts its data-independent part there."""
+  return _UNROLL.get()
+
+
 def scan_unroll() -> int | bool:
   """The `unroll` argument for scans over layers or microbatches: 1, or True inside unrolled_scans()."""
   return True if _UNROLL.get() else 1
