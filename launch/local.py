@@ -93,6 +93,9 @@ class Local(Backend):
     self.env = {k: str(v) for k, v in (env or {}).items()}
     self.compilation_cache_dir = compilation_cache_dir
 
+  def stages_per_machine(self) -> int:
+    return self.slots
+
   def command_for(self, stage: Stage, initial_checkpoint: Optional[str]) -> list[str]:
     return self.command + stage.train_args(initial_checkpoint)
 

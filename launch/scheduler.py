@@ -50,6 +50,10 @@ class Backend:
   max_retries = 2
   retry_delay_s = 0.0
 
+  def stages_per_machine(self) -> int:
+    """Stages that may run at once on one machine (their step times then share it)."""
+    return 1
+
   def attach(self, grid, state_dir: records.StateDir) -> None:
     """Called once with the grid and its state directory before anything else."""
 
@@ -98,7 +102,7 @@ def _difference(saved: dict, spec: dict) -> str:
         return f"{key}: {gone} there, {new} now"
       return f"{key}: order {a} there, {b} now"
   for key in sorted(set(saved) | set(spec)):
-    if key not in ("hash", "grid", "created") and saved.get(key) != spec.get(key):
+    if key not in SPEC_RECORD_KEYS and saved.get(key) != spec.get(key):
       return f"{key}: {saved.get(key)!r} there, {spec.get(key)!r} now"
   return "hash differs"
 
@@ -116,12 +120,19 @@ def check_specs(stages: Sequence[Stage]) -> None:
           "run, or give the changed run a new name (another variant or EXPERIMENT_ROOT).")
 
 
-def write_spec(stage: Stage, grid_path: Optional[str]) -> None:
+# What write_spec adds beside the configuration: where and how the stage was launched.
+SPEC_RECORD_KEYS = ("hash", "grid", "created", "stages_per_machine")
+
+
+def write_spec(stage: Stage, grid_path: Optional[str], stages_per_machine: int = 1) -> None:
+  """Keeps the stage's configuration in its MODEL_DIR, with how many stages could share its machine (the
+  analysis says when step times were measured on a shared machine)."""
   spec = stage.spec()
   saved = storage.read_json(_spec_path(stage))
   if saved and saved.get("hash") == spec["hash"]:
     return
-  storage.write_json(_spec_path(stage), {**spec, "grid": grid_path, "created": time.strftime("%Y-%m-%d %H:%M:%S")})
+  storage.write_json(_spec_path(stage), {**spec, "grid": grid_path, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                         "stages_per_machine": int(stages_per_machine)})
 
 
 def is_complete(stage: Stage) -> bool:
@@ -315,7 +326,7 @@ class Scheduler:
         self.state.event(stage, "note", f"{stage.previous.key} is complete but {stage.previous.model_dir}"
                          "/checkpoints holds no finished checkpoint")
         return None
-    write_spec(stage, self.grid_path)
+    write_spec(stage, self.grid_path, self.backend.stages_per_machine())
     try:
       job = self.backend.start(stage, checkpoint, log, slot)
     except (OSError, LaunchError) as e:

@@ -466,3 +466,18 @@ def test_module_entry_point_exit_status(tmp_path):
                         env={**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")})
   assert proc.returncode == 2, proc.stderr
   assert proc.stderr.strip().startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_runs_launched_beside_others_are_noted_as_timed_on_shared_cores(experiment):
+  root, _ = experiment
+  assert not any("shared cores" in n for n in study.analyse(collect.collect(root), n_boot=50).notes)
+  for run in ("vanilla-tiny", "glu-small"):  # as the local launcher records --concurrency 2
+    path = os.path.join(root, run, "pretrain", "launch_spec.json")
+    with open(path) as f:
+      spec = json.load(f)
+    with open(path, "w") as f:
+      json.dump({**spec, "stages_per_machine": 2}, f)
+  table = collect.collect(root)
+  assert table.set_index("run").loc["vanilla-tiny"].stages_per_machine == 2
+  notes = study.analyse(table, n_boot=50).notes
+  assert any(n.startswith("2 of ") and "up to 2 stages at once" in n and "shared cores" in n for n in notes), notes

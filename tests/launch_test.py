@@ -415,6 +415,7 @@ def test_local_grid_pretrains_then_finetunes_every_run(e2e):
             "(parameters only") in log
     spec = read_json(os.path.join(e2e.root, run, "finetune", "launch_spec.json"))
     assert spec["initialized_from"] == "pretrain" and "NUM_HEADS = 2" in spec["bindings"]
+    assert spec["stages_per_machine"] == 2  # launch.Local.concurrency: step times shared the cores
   depth = read_json(os.path.join(e2e.root, "glu-tiny-nl2", "pretrain", "run.json"))["num_params"]
   assert depth > read_json(os.path.join(e2e.root, "glu-tiny-nl1", "pretrain", "run.json"))["num_params"]
 

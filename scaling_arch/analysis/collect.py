@@ -170,7 +170,8 @@ def read_run(root: str, run: str) -> Optional[dict]:
              knobs="-".join(f"{k}{v}" for k, v in variant.knobs) if variant else "",
              protocol=protocol_of(variant.knobs) if variant else "",
              series=series_of(variant.size, variant.knobs) if variant else "",
-             status=record.get("status", "") if pretrain else "")
+             status=record.get("status", "") if pretrain else "",
+             stages_per_machine=number(spec.get("stages_per_machine")))
   steps = number(record.get("step"))
   steps_per_sec = number(record.get("steps_per_sec"))
   upstream = number(record.get("eval_neg_log_perplexity"))

@@ -226,6 +226,11 @@ def analyse(runs: pd.DataFrame, *, series: str = LADDER, baseline: str = "vanill
   if len(hardware) > 1:
     kinds = ", ".join(f"{int(d) if d == d else '?'} x {k or '?'}" for k, d in hardware.itertuples(index=False))
     notes.append(f"runs were timed on different hardware ({kinds}): the step_time axis mixes them.")
+  shared = runs[runs.included.astype(bool)].get("stages_per_machine", pd.Series(dtype=float))
+  if (shared > 1).any():
+    notes.append(f"{int((shared > 1).sum())} of {int(shared.notna().sum())} runs with a launch record were "
+                 f"launched with up to {int(shared.max())} stages at once on one machine: their step times "
+                 "(steps_per_sec, the step_time axis) were measured on shared cores.")
   if not runs.downstream_score.notna().any():
     notes.append("no run has a downstream score (no finished fine-tuning stage): downstream fits, "
                  "rank correlations and figures are left out.")
