@@ -361,7 +361,7 @@ def test_report_builds_from_fixture(experiment, tmp_path, capsys):
   assert "alpha > 0" in md  # the sign convention is stated
 
 
-def test_seed_replicates_are_collected_as_points_and_fitted_through_their_means(tmp_path):
+def test_seed_replicates_are_collected_as_points_and_fitted_through_their_means(tmp_path, capsys):
   root = str(tmp_path / "exp")
   # vanilla: 3 seeds at the ends of the ladder, 2 between (one replicate without launch_spec.json).
   noises = {"tiny": [0.03, -0.02, 0.01], "mini": [-0.01, 0.02], "small": [0.02, -0.03], "base": [0.0, 0.01, -0.02]}
@@ -398,6 +398,9 @@ def test_seed_replicates_are_collected_as_points_and_fitted_through_their_means(
       points[points.point == "small"].upstream_loss.mean() - table.loc[["vanilla-small-dl2",
       "vanilla-small-dl2-s1"]].upstream_loss.mean(), rel=1e-9)
   assert list(result.rank_correlation.matched[:4]) == ["size tiny", "size mini", "size small", "size base"]
+  assert cli.main([root, "--out", str(tmp_path / "out"), "--bootstrap", "100"]) == 0
+  line = next(l for l in capsys.readouterr().out.splitlines() if l.split()[:2] == ["vanilla", "upstream"])
+  assert "n=4  seeds 2-3 per point, seed sd " in line, line
   assert result.extrapolation.set_index(["metric", "axis"]).loc[("upstream", "flops")].actual == pytest.approx(
       my["base"], rel=1e-12)  # the held-out largest size is its seed mean
 

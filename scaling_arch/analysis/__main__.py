@@ -57,8 +57,11 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     table.to_csv(path, index=False)
     files.append(path)
   for row in result.alphas[result.alphas.axis == "flops"].itertuples():
+    seeds = "" if row.seeds_max <= 1 else (
+        f"  seeds {row.seeds_min}" + (f"-{row.seeds_max}" if row.seeds_max != row.seeds_min else "")
+        + f" per point, seed sd {row.seed_sd:.4f}")
     print(f"  {row.architecture:<18} {row.metric:<10} alpha vs FLOPs {row.alpha:+.4f} "
-          f"[{row.ci_low:+.4f}, {row.ci_high:+.4f}]  R2 {row.r2:.3f}  n={row.n}")
+          f"[{row.ci_low:+.4f}, {row.ci_high:+.4f}]  R2 {row.r2:.3f}  n={row.n}{seeds}")
   for note in result.notes:
     print(f"note: {note}")
   made = figures.all_figures(result, os.path.join(out, "figures"))
