@@ -100,15 +100,15 @@ def _mix_slots(x, start, size, w1, b1, w2, b2, dtype):
 
 
 def _mix_group(x, start, size, w1, b1, w2, b2, dtype, slots_per_pass: int):
-  """One slot group: its 2^i slots mixed `slots_per_pass` at a time (a loop over passes when the group
-  holds more), each pass rematerialized in the backward, so that only one pass's hiddens [B, n, D_S, d]
-  are alive at a time. Returns [B, 2^i * cap, d]."""
+  """One slot group: its 2^i slots mixed `slots_per_pass` at a time (a loop over passes, each
+  rematerialized, when the group holds more), so that only one pass's hiddens [B, n, D_S, d] are alive at
+  a time. Returns [B, 2^i * cap, d]."""
   batch, num, d = x.shape[0], start.shape[1], x.shape[2]
   cap = w2.shape[0]
-  mix = jax.checkpoint(lambda s, n: _mix_slots(x, s, n, w1, b1, w2, b2, dtype))
   if num <= slots_per_pass:
-    y = mix(start, size)
+    y = _mix_slots(x, start, size, w1, b1, w2, b2, dtype)   # one pass: the custom VJP already recomputes it
   else:
+    mix = jax.checkpoint(lambda s, n: _mix_slots(x, s, n, w1, b1, w2, b2, dtype))
     passes = num // slots_per_pass                                          # both powers of 2
     split = lambda a: a.reshape(batch, passes, slots_per_pass).transpose(1, 0, 2)
     y = jax.lax.map(lambda sn: mix(*sn), (split(start), split(size)))    # [P, B, n, cap, d]
