@@ -4,6 +4,7 @@ train step as the default ones."""
 
 import importlib.util
 import json
+import os
 import time
 
 import flax.linen as nn
@@ -237,3 +238,35 @@ def test_fully_sharded_rules_leave_activations_whole():
   assert partitioning.logical_axis_rules("default") == partitioning.LOGICAL_AXIS_RULES
   with pytest.raises(errors.MeshError, match="use one of 'default', 'fully_sharded'"):
     partitioning.logical_axis_rules("fsdp")
+
+
+PAPER_PLAN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "paper_plan")
+
+
+@needs_libtpu
+def test_the_committed_paper_plan_covers_the_grid_and_every_stage_fits():
+  """docs/paper_plan is the plan of gin/grids/paper.gin as it is now: every stage's configuration (with
+  these library versions) has a line in the committed cache, and every one fits v3-32."""
+  from launch.grid import load
+  grid = load("gin/grids/paper.gin", ["EXPERIMENT_ROOT = 'gs://bucket/paper'",
+                                      "TFDS_DATA_DIR = 'gs://bucket/tfds'"])
+  stages = [s for r in grid.expand() for s in r.stages]
+  sl = plan.Slice.get("v3:4x4")
+  versions = plan.versions()
+  with open(os.path.join(PAPER_PLAN, "paper-v3_4x4.json")) as f:
+    committed = json.load(f)
+  if {k: committed["versions"].get(k) for k in ("jax", "jaxlib", "libtpu")} != {
+      k: versions[k] for k in ("jax", "jaxlib", "libtpu")}:
+    pytest.skip(f"the committed plan was made with {committed['versions']}, these are {versions}")
+  cache = plan.Cache(os.path.join(PAPER_PLAN, "cache.jsonl"))
+  try:
+    rows = plan.plan(stages, sl, cache, cached_only=True)
+  finally:
+    gin.clear_config()
+  assert len(rows) == 288
+  unplanned = [f"{r['run']}/{r['stage']}" for r in rows if r["error"]]
+  assert not unplanned, f"stages without a committed plan (re-plan, docs/paper_plan/README.md): {unplanned}"
+  assert all(r["fits"] for r in rows), [r["run"] for r in rows if not r["fits"]]
+  assert all(r["total_gib"] <= 0.9 * r["hbm_gib"] for r in rows)
+  assert committed["totals"]["stages_fitting"] == 288
+  np.testing.assert_allclose(committed["totals"]["chip_hours"], sum(r["chip_hours"] for r in rows), rtol=1e-6)
