@@ -266,7 +266,6 @@ def test_the_committed_paper_plan_covers_the_grid_and_every_stage_fits():
   assert len(rows) == 288
   unplanned = [f"{r['run']}/{r['stage']}" for r in rows if r["error"]]
   assert not unplanned, f"stages without a committed plan (re-plan, docs/paper_plan/README.md): {unplanned}"
-  assert all(r["fits"] for r in rows), [r["run"] for r in rows if not r["fits"]]
-  assert all(r["total_gib"] <= 0.9 * r["hbm_gib"] for r in rows)
+  assert all(r["fits"] for r in rows), [r["run"] for r in rows if not r["fits"]]  # fits: with 10% of HBM free
   assert committed["totals"]["stages_fitting"] == 288
   np.testing.assert_allclose(committed["totals"]["chip_hours"], sum(r["chip_hours"] for r in rows), rtol=1e-6)
