@@ -32,6 +32,11 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--baseline", default="vanilla", help="the architecture the others are drawn against")
   parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples per fit")
   parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+  parser.add_argument("--unigram_baseline", type=float,
+                      help="the unigram baseline of the upstream loss (nats; `python -m tasks.package_corpus "
+                           "--baseline` prints it), for the report")
+  parser.add_argument("--downstream_chance", type=float,
+                      help="the downstream score of guessing (e.g. 8.33 for the offline cloze task's 12 words)")
   parser.add_argument("--allow_missing", action="store_true",
                       help="leave complete runs that lack a metric out of the fits instead of stopping")
   return parser
@@ -50,7 +55,8 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
   print(f"collected {len(runs)} runs from {args.root} ({int(runs.included.sum())} complete pretraining runs, "
         f"{int(runs.downstream_score.notna().sum())} with a downstream score)")
   result = study_lib.analyse(runs, series=args.series, baseline=args.baseline, n_boot=args.bootstrap,
-                             seed=args.seed)
+                             seed=args.seed, unigram_baseline=args.unigram_baseline,
+                             downstream_chance=args.downstream_chance)
   files = collect.write_table(runs, out)
   for name, table in result.tables().items():
     path = os.path.join(out, f"{name}.csv")
@@ -64,6 +70,10 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
           f"[{row.ci_low:+.4f}, {row.ci_high:+.4f}]  R2 {row.r2:.3f}  n={row.n}{seeds}")
   for note in result.notes:
     print(f"note: {note}")
+  for row in result.targets.itertuples():
+    print(f"target {'met' if row.met else 'NOT met'}: {row.target}: {row.measured}")
+  for row in result.findings.itertuples():
+    print(f"finding {row.verdict}: {row.finding}")
   made = figures.all_figures(result, os.path.join(out, "figures"))
   files += [p for paths in made.values() for p in paths]
   files += report.write_report(result, made, out, args.root)

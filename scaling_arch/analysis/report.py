@@ -90,6 +90,12 @@ def blocks(study: Study, figures: dict[str, list[str]], root: str) -> list[tuple
           ("h2", "Skipped runs (not in the fits)"), ("table", study.skipped),
           ("h2", "Scaling laws (alpha)"), ("table", _alpha_view(study.alphas)),
           ("h2", "Fits not made"), ("table", study.fit_notes),
+          ("h2", "The study's findings, here"),
+          ("p", "Each qualitative finding of Tay et al. (2022) against this experiment (findings.py): agrees or "
+                "disagrees only beyond the bootstrap (alphas: 95% of resample pairs) or the seed scatter "
+                "(scores: 2 standard errors); otherwise not measurable, with the way the estimates lean."),
+          ("table", study.findings),
+          ("h2", "Targets of the CPU study"), ("table", study.targets),
           ("h2", "All architectures against FLOPs")]
   for metric in METRICS:
     if f"scaling_{metric}" in figures:

@@ -16,11 +16,13 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+from typing import Optional
 
 import numpy as np
 import pandas as pd
 
 from scaling_arch.analysis import AnalysisError, compare
+from scaling_arch.analysis import findings as findings_lib
 from scaling_arch.analysis.powerlaw import AXES, METRICS, MIN_SIZES, N_BOOT, maybe_fit, seed_for
 
 LADDER = "ladder"
@@ -44,12 +46,15 @@ class Study:
   protocols: pd.DataFrame
   skipped: pd.DataFrame
   notes: list
+  findings: pd.DataFrame = None  # the paper's findings against this experiment (findings.py)
+  targets: pd.DataFrame = None  # the CPU study's acceptance targets (findings.targets)
 
   def tables(self) -> dict[str, pd.DataFrame]:
     """{CSV file stem: table} of every result table."""
     return {"alphas": self.alphas, "fit_notes": self.fit_notes, "crossovers": self.crossovers,
             "regions": self.regions, "extrapolation": self.extrapolation,
-            "rank_correlation": self.rank_correlation, "protocols": self.protocols, "skipped": self.skipped}
+            "rank_correlation": self.rank_correlation, "protocols": self.protocols, "skipped": self.skipped,
+            "findings": self.findings, "targets": self.targets}
 
 
 def series_points(runs: pd.DataFrame, series: str) -> pd.DataFrame:
@@ -213,8 +218,14 @@ def _protocols(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def analyse(runs: pd.DataFrame, *, series: str = LADDER, baseline: str = "vanilla", n_boot: int = N_BOOT,
-            seed: int = 0) -> Study:
-  """Fits every architecture of `series` on every cost axis and metric, and compares them."""
+            seed: int = 0, unigram_baseline: Optional[float] = None,
+            downstream_chance: Optional[float] = None) -> Study:
+  """Fits every architecture of `series` on every cost axis and metric, and compares them.
+
+  unigram_baseline: the upstream loss (nats per target token) of the train targets' unigram distribution
+  on the evaluation data, if known: the report says how far past it the fitted runs got.
+  downstream_chance: the downstream score of guessing, if known (findings.py's measurability test).
+  """
   runs = with_points(runs)
   points = series_points(runs, series)
   means = seed_means(points)
@@ -236,8 +247,20 @@ def analyse(runs: pd.DataFrame, *, series: str = LADDER, baseline: str = "vanill
                  "rank correlations and figures are left out.")
   if baseline not in set(points.architecture):
     notes.append(f"the baseline {baseline!r} has no fitted runs: the baseline figure is left out.")
+  if unigram_baseline is not None:
+    loss = points.upstream_loss
+    notes.append(f"unigram baseline {unigram_baseline:.3f} nats (the train targets' unigram distribution on the "
+                 f"evaluation data): the fitted runs' upstream losses are {loss.min():.3f}-{loss.max():.3f}, "
+                 f"{unigram_baseline - loss.max():.3f}-{unigram_baseline - loss.min():.3f} nats below it.")
+  if downstream_chance is not None and means.downstream_score.notna().any():
+    d = means.downstream_score
+    notes.append(f"downstream chance level {downstream_chance:g}: the points' seed-mean downstream scores are "
+                 f"{d.min():.4g}-{d.max():.4g}.")
   skipped = runs[~runs.included.astype(bool)][["run", "status", "skip_reason"]].reset_index(drop=True)
-  return Study(runs=runs, points=points, means=means, series=series, baseline=baseline, fits=fits,
-               alphas=alphas, fit_notes=fit_notes, crossovers=_crossovers(fits), regions=_regions(fits),
-               extrapolation=_extrapolation(means, n_boot, seed), rank_correlation=_rank_correlation(means, fits),
-               protocols=_protocols(runs), skipped=skipped, notes=notes)
+  study = Study(runs=runs, points=points, means=means, series=series, baseline=baseline, fits=fits,
+                alphas=alphas, fit_notes=fit_notes, crossovers=_crossovers(fits), regions=_regions(fits),
+                extrapolation=_extrapolation(means, n_boot, seed), rank_correlation=_rank_correlation(means, fits),
+                protocols=_protocols(runs), skipped=skipped, notes=notes)
+  study.findings = findings_lib.findings(study, baseline=baseline, chance=downstream_chance)
+  study.targets = findings_lib.targets(study, baseline=baseline)
+  return study
