@@ -28,7 +28,8 @@ def runs_table(laws, *, seed_sd=0.002, rng_seed=0):
         rows.append({"run": f"{arch}-{variant}", "architecture": arch, "variant": variant, "size": "tiny",
                      "point": point, "seed": seed, "knobs": point.split("-")[1], "protocol": "width",
                      "series": "tiny-dm", "status": "complete", "included": True, "skip_reason": "",
-                     "num_params": x / 1e6, "train_flops": x, "step_time": 0.01 * (x / 1e12) ** 0.5,
+                     "num_params": x / 1e6, "train_flops": x, "step_time": 0.01 * (x / 1e12) ** 0.5, "tokens": 1e6,
+                     "steps_per_sec": 100 * (x / 1e12) ** -0.5,
                      "upstream_loss": loss, "neg_log_perplexity": -loss, "downstream_score": score,
                      "device_kind": "cpu", "devices": 1, "stages_per_machine": 1})
   return pd.DataFrame(rows)
