@@ -633,12 +633,17 @@ def test_cpu_study_grid_has_seeds_at_every_point_and_a_cloze_finetune():
     per_point.setdefault((run.architecture, run.variant.point), []).append(run.variant.seed)
   assert len(per_point) == 12 * 3 and {a for a, _ in per_point} == set(ARCHITECTURES)
   for (_, point), seeds in per_point.items():  # 3 seeds at the ends of the ladder, 2 in between
-    assert sorted(seeds) == list(range(3 if point.startswith(("tiny-dm64-", "tiny-dm192-")) else 2)), point
+    assert sorted(seeds) == list(range(3 if point.startswith(("tiny-nl2-dm32-", "tiny-nl2-dm96-")) else 2)), point
   widths = sorted({int(p.split("-dm")[1].split("-")[0]) for _, p in per_point})
+  assert {p.split("-dm")[0] for _, p in per_point} == {"tiny-nl2"}  # one depth: width sets the parameters
   assert widths[-1] ** 2 / widths[0] ** 2 >= 8  # >= 8x in non-embedding parameters (~ d_model^2)
   parsed = 0
-  for run, stage in parse_every_stage([r for r in runs if r.architecture in ("vanilla", "switch")], last_step=400):
+  pretrain_steps = None
+  for run, stage in parse_every_stage([r for r in runs if r.architecture in ("vanilla", "switch")], last_step=350):
     parsed += 1
+    if stage.name == "pretrain":  # no run repeats a token of the 11.2M-token train split
+      pretrain_steps = gin.query_parameter("%TRAIN_STEPS")
+      assert pretrain_steps * gin.query_parameter("%BATCH_SIZE") * gin.query_parameter("%INPUT_LENGTH") < 11e6
     assert gin.query_parameter("train.offline_vocab_size") == 2000
     assert gin.query_parameter("offline_vocabulary.corpus") == "packages"
     if run.variant.seed:  # replicate 0 keeps train's default seeds
@@ -647,4 +652,5 @@ def test_cpu_study_grid_has_seeds_at_every_point_and_a_cloze_finetune():
     if stage.name == "finetune":
       assert gin.query_parameter("train.task_name") == "sa_offline_cloze"
       assert gin.query_parameter("cloze_task.corpus") == "packages"
-  assert parsed == 2 * 2 * 8
+      assert gin.query_parameter("%LEARNING_RATE") == pytest.approx(0.003)
+  assert parsed == 2 * 2 * 8 and pretrain_steps == 350
