@@ -149,8 +149,8 @@ def _best_slope(study: Study, metric: str, baseline: str, paper: str) -> dict:
   archs = sorted(a for (m, x, a) in study.fits if (m, x) == (metric, "flops"))
   base = _fit(study, metric, baseline)
   if base is None or len(archs) < 2:
-    return {"finding": finding, "paper": paper, "this study": f"no {metric} fit vs FLOPs for {baseline}",
-            "verdict": "not measurable"}
+    why = f"no {metric} fit vs FLOPs for {baseline}" if base is None else f"only {baseline} has a {metric} fit"
+    return {"finding": finding, "paper": paper, "this study": why, "verdict": "not measurable"}
   ranked = sorted(archs, key=lambda a: -_fit(study, metric, a).alpha)
   rank = ranked.index(baseline) + 1
   steeper = [a for a in archs if a != baseline and above_share(_fit(study, metric, a), base) >= SHOWN]
