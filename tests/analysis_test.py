@@ -484,3 +484,16 @@ def test_runs_launched_beside_others_are_noted_as_timed_on_shared_cores(experime
   assert table.set_index("run").loc["vanilla-tiny"].stages_per_machine == 2
   notes = study.analyse(table, n_boot=50).notes
   assert any(n.startswith("2 of ") and "up to 2 stages at once" in n and "shared cores" in n for n in notes), notes
+
+
+def test_an_axis_of_one_major_tick_labels_its_minor_ticks(tmp_path):
+  from matplotlib.figure import Figure
+  from scaling_arch.analysis.figures import _axes_labels
+  fig = Figure()
+  ax = fig.add_subplot()
+  ax.plot([2.3e11, 4.5e12], [4.6, 5.0])  # FLOPs over 1.3 decades: 1e12 is the only major tick
+  _axes_labels(ax, "upstream")
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  FigureCanvasAgg(fig).draw()
+  labels = [t.get_text() for t in ax.get_xticklabels(minor=True) if t.get_text()]
+  assert "3e+11" in labels and "2e+12" in labels, labels

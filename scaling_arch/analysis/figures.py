@@ -71,10 +71,13 @@ def _seeds(ax, means, runs, column: str, color) -> None:
               elinewidth=1, capsize=2)
 
 
+MINOR_LABELS_BELOW_DECADES = 2
+
+
 def _minor_labels(span: float) -> ticker.FuncFormatter:
-  """Labels for the minor ticks of a log axis spanning less than a decade (hi / lo = span): over more than
-  a factor of two only the 2, 3 and 5 multiples (4e+12 beside 5e+12 would crowd); always left out within
-  0.05 decades of a power of ten (9e+11 would crowd the major 1e+12 label)."""
+  """Labels for the minor ticks of a log axis spanning less than two decades (hi / lo = span): over more
+  than a factor of two only the 2, 3 and 5 multiples (4e+12 beside 5e+12 would crowd); always left out
+  within 0.05 decades of a power of ten (9e+11 would crowd the major 1e+12 label)."""
   def label(value: float, _pos=None) -> str:
     if value <= 0:
       return ""
@@ -93,8 +96,8 @@ def _axes_labels(ax, metric: str) -> None:
   ax.set_yscale("log")
   for axis, (lo, hi) in ((ax.xaxis, ax.get_xlim()), (ax.yaxis, ax.get_ylim())):
     axis.set_major_formatter(ticker.FormatStrFormatter("%.3g"))
-    # Label the minor ticks only when the axis spans less than a decade (no major tick to read).
-    axis.set_minor_formatter(ticker.NullFormatter() if math.log10(hi / lo) >= 1
+    # Label the minor ticks when the axis spans less than two decades (at most one major tick to read).
+    axis.set_minor_formatter(ticker.NullFormatter() if math.log10(hi / lo) >= MINOR_LABELS_BELOW_DECADES
                              else _minor_labels(hi / lo))
   ax.set_xlabel(AXES["flops"].label)
   ax.set_ylabel(METRICS[metric].label)
