@@ -32,7 +32,7 @@ import hashlib
 import json
 import os
 import re
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import gin
 import jax
@@ -497,24 +497,52 @@ def _all_processes_agree(ok: bool) -> bool:
 PARAMETER_SIGNATURE_KEYS = ("architecture", "vocab_size", "param_shapes")
 
 
-def check_initial_checkpoint(checkpoint_path: str, signature: dict, what: str = "INITIAL_CHECKPOINT") -> None:
+def prefix_fits(saved: Sequence[int], current: Sequence[int], dims: Sequence[int]) -> bool:
+  """Whether a saved parameter of shape `saved` initializes one of shape `current` by its prefix: the same
+  rank, equal extents except along `dims` (its position axes), and no shorter there."""
+  return (len(saved) == len(current) and saved != current and
+          all(s == c or (i in dims and s > c) for i, (s, c) in enumerate(zip(saved, current))))
+
+
+def _saved_signature(checkpoint_path: str) -> Optional[dict]:
+  path = os.path.join(os.path.dirname(checkpoint_path.rstrip("/")), SIGNATURE_FILE)
+  if not tf.io.gfile.exists(path):
+    return None
+  with tf.io.gfile.GFile(path) as f:
+    return json.load(f)
+
+
+def prefix_parameters(checkpoint_path: str, signature: dict, position_dims: Optional[dict]) -> dict:
+  """{parameter name: saved shape} of the parameters that `checkpoint_path` holds longer along their
+  position axes than this model (see partitioning.POSITION_AXES); {} without a signature.json."""
+  saved = (_saved_signature(checkpoint_path) or {}).get("param_shapes") or {}
+  current = signature.get("param_shapes") or {}
+  return {name: saved[name] for name, dims in (position_dims or {}).items()
+          if name in saved and name in current and prefix_fits(saved[name], current[name], dims)}
+
+
+def check_initial_checkpoint(checkpoint_path: str, signature: dict, what: str = "INITIAL_CHECKPOINT",
+                             position_dims: Optional[dict] = None) -> None:
   """Raises a one-line error unless `checkpoint_path` (a step directory, MODEL_DIR/checkpoints/<step>)
   holds parameters this model can load: the same architecture, vocabulary size and parameter shapes,
-  according to the signature.json its run wrote (a checkpoint without one is checked at restore)."""
+  according to the signature.json its run wrote (a checkpoint without one is checked at restore). A
+  parameter longer along its position axes (`position_dims`, Trainer.position_dims) is accepted: its
+  prefix initializes this model (restore_params)."""
   step_dir = checkpoint_path.rstrip("/")
   if not tf.io.gfile.exists(os.path.join(step_dir, "state")):
     raise errors.UserError(
         f"{what} {checkpoint_path} is not a checkpoint of this codebase (no 'state' item); give a step "
         "directory such as MODEL_DIR/checkpoints/1000.")
-  path = os.path.join(os.path.dirname(step_dir), SIGNATURE_FILE)
-  if not tf.io.gfile.exists(path):
+  saved = _saved_signature(step_dir)
+  if saved is None:
     logging.warning("%s has no %s next to it; its parameters are checked when restored.", checkpoint_path,
                     SIGNATURE_FILE)
     return
-  with tf.io.gfile.GFile(path) as f:
-    saved = json.load(f)
   saved = {k: saved.get(k) for k in PARAMETER_SIGNATURE_KEYS}
   current = {k: signature.get(k) for k in PARAMETER_SIGNATURE_KEYS}
+  prefixes = prefix_parameters(step_dir, signature, position_dims)
+  if prefixes:
+    saved["param_shapes"] = {**saved["param_shapes"], **{n: current["param_shapes"][n] for n in prefixes}}
   if saved != current:
     raise errors.CheckpointMismatchError(
         f"{what} {checkpoint_path} was written by a different model ({describe_difference(saved, current)}); "
@@ -522,16 +550,23 @@ def check_initial_checkpoint(checkpoint_path: str, signature: dict, what: str = 
         "depth/width overrides) and the vocabulary it was trained with.")
 
 
-def restore_params(checkpoint_path: str, abstract_params) -> Any:
+def restore_params(checkpoint_path: str, abstract_params, prefixes: Optional[dict] = None) -> Any:
   """Parameters only, from a checkpoint step directory (`.../checkpoints/<step>`) written by this
-  codebase, placed with the shardings of `abstract_params`."""
+  codebase, placed with the shardings of `abstract_params`. `prefixes` ({parameter name: saved shape},
+  from prefix_parameters) are read at their saved shape and cut to the prefix this model uses."""
   state_dir = os.path.join(checkpoint_path, "state")
   if not tf.io.gfile.exists(state_dir):
     raise errors.UserError(
         f"INITIAL_CHECKPOINT {checkpoint_path} has no 'state' item; give a step directory such as "
         "MODEL_DIR/checkpoints/1000.")
+  prefixes = prefixes or {}
+
+  def saved_shape(path, leaf):
+    shape = prefixes.get(jax.tree_util.keystr(path))
+    return leaf if shape is None else jax.ShapeDtypeStruct(tuple(shape), leaf.dtype, sharding=leaf.sharding)
+
   checkpointer = ocp.PyTreeCheckpointer()
-  target = {"params": abstract_params}
+  target = {"params": jax.tree_util.tree_map_with_path(saved_shape, abstract_params)}
   restore_args = ocp.checkpoint_utils.construct_restore_args(target)
   try:
     restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
@@ -541,4 +576,12 @@ def restore_params(checkpoint_path: str, abstract_params) -> Any:
     raise errors.CheckpointMismatchError(
         f"Checkpoint {checkpoint_path} does not hold parameters of this model's shapes "
         f"(different architecture or size?): {first_line}") from None
-  return restored["params"]
+  if not prefixes:
+    return restored["params"]
+
+  def cut(path, value, leaf):
+    if jax.tree_util.keystr(path) not in prefixes:
+      return value
+    return jax.device_put(value[tuple(slice(0, n) for n in leaf.shape)], leaf.sharding)
+
+  return jax.tree_util.tree_map_with_path(cut, restored["params"], abstract_params)

@@ -38,7 +38,26 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("expert_group", ("data", "expert")),
     ("expert_mlp", "model"),
     ("unmodeled", None),
+    ("hidden_length", None),
 )
+
+# Parameters indexed by sequence position along these logical axes (the Mixer's token-mixing weights:
+# "length", and the causal Mixer's position-indexed hidden: "hidden_length"). A checkpoint whose extent
+# along them is longer initializes a model of shorter lengths with its prefix (checkpoints.restore_params),
+# which is exactly the longer model on padded inputs (architectures/mixer.py).
+POSITION_AXES = ("length", "hidden_length")
+
+
+def position_dims(param_specs) -> dict[str, tuple[int, ...]]:
+  """{parameter name (jax.tree_util.keystr of its path): its dimensions along POSITION_AXES}, for the
+  parameters that have any, from the parameters' logical PartitionSpecs."""
+  flat = jax.tree_util.tree_flatten_with_path(param_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))[0]
+  out = {}
+  for path, spec in flat:
+    dims = tuple(i for i, axis in enumerate(spec) if axis in POSITION_AXES)
+    if dims:
+      out[jax.tree_util.keystr(path)] = dims
+  return out
 
 # Alternative rule sets, each the table above with a few rows changed (so there is still one table),
 # selected with `partitioning.Partitioner.rules` (e.g. gin/meshes/fully_sharded.gin). A set names the

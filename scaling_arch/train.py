@@ -324,7 +324,7 @@ def train(*,
   checkpointer = checkpoints_lib.Checkpointer(model_dir, checkpoint_config, signature)
   resume_step = checkpointer.check_compatible()  # MODEL_DIR's own run (same model and task) wins
   if resume_step is None and initial_checkpoint:
-    checkpoints_lib.check_initial_checkpoint(initial_checkpoint, signature)
+    checkpoints_lib.check_initial_checkpoint(initial_checkpoint, signature, position_dims=trainer.position_dims)
   elif resume_step is None and require_initial_checkpoint:
     raise errors.ConfigError("INITIAL_CHECKPOINT is not set: this run starts from a pretrained checkpoint (a "
                              "step directory such as PRETRAIN_MODEL_DIR/checkpoints/524288); set "
@@ -362,9 +362,14 @@ def train(*,
       state = state.replace(step=np.zeros((), np.int32)) if hasattr(state, "replace") else state
       how = "parameters and optimizer state"
     else:
-      params = checkpoints_lib.restore_params(initial_checkpoint, trainer.abstract_state.params)
+      prefixes = checkpoints_lib.prefix_parameters(initial_checkpoint, signature, trainer.position_dims)
+      params = checkpoints_lib.restore_params(initial_checkpoint, trainer.abstract_state.params, prefixes)
       state = trainer.state_from_params(params)
       how = "parameters only; fresh optimizer state"
+      if prefixes:
+        how += (f"; {len(prefixes)} position-indexed parameters cut to this run's lengths, e.g. "
+                f"{next(iter(prefixes))} {next(iter(prefixes.values()))} -> "
+                f"{signature['param_shapes'][next(iter(prefixes))]}")
     metrics_lib.print_progress(f"Initialized from INITIAL_CHECKPOINT {initial_checkpoint} ({how}).")
   else:
     state = trainer.init_state()

@@ -112,6 +112,7 @@ class Trainer:
       raise ValueError(f"Parameters use logical axes {sorted(unknown)} that partitioning.py does not map.")
     self.param_specs = nn.get_partition_spec(self.boxed_params)
     self.param_shapes = nn.unbox(self.boxed_params)
+    self.position_dims = partitioning.position_dims(self.param_specs)
     self.param_shardings = nn.logical_to_mesh_sharding(self.param_specs, partitioner.mesh, partitioner.rules)
     abstract_state = jax.eval_shape(self._init_state, self.rng)
     opt_shardings = optimizer_state_shardings(abstract_state.opt_state, self.param_specs, self.param_shapes,

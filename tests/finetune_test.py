@@ -376,3 +376,47 @@ def test_evaluate_a_checkpoint(pretrained, tmp_path, capfd):
 
   status, out, err = run(args, capfd, entry=evaluate_lib.evaluate)  # eval.gin's CHECKPOINT_PATH = None
   assert_one_clean_error(status, out, err, 'CHECKPOINT_PATH is not set')
+
+
+def test_a_mixer_pretrained_at_longer_lengths_initializes_a_shorter_one_by_its_prefix(tmp_path, capfd):
+  """The Mixer's token-mixing weights are sized by the sequence lengths, and fine-tuning runs at shorter
+  ones than pretraining (finetune_local: 64 / 16 after 128 / 32). A shorter Mixer is the longer one on
+  padded inputs, so it starts from the prefix of each position-indexed weight, every other parameter
+  unchanged; a longer one cannot start from the checkpoint, with a one-line error."""
+  import orbax.checkpoint as ocp
+  small = ['--gin_file=gin/models/mixer.gin', '--gin_file=gin/sizes/tiny.gin', '--gin.NUM_ENCODER_LAYERS=1',
+           '--gin.NUM_DECODER_LAYERS=1', '--gin.EMBED_DIM=32', '--gin.MLP_DIM=64', '--gin.NUM_HEADS=2',
+           '--gin.HEAD_DIM=16', '--gin.BATCH_SIZE=4', '--gin.train.eval_steps=1', '--gin.train.log_every_steps=1']
+  pre_dir = tmp_path / 'pretrain'
+  status, out, err = run([*small, '--gin_file=gin/runs/pretrain_local.gin', model_dir_flag(pre_dir),
+                          '--gin.INPUT_LENGTH=32', '--gin.TARGET_LENGTH=8', '--gin.TRAIN_STEPS=2',
+                          '--gin.checkpoints.CheckpointConfig.save_every_steps=2'], capfd)
+  assert status == 0, out + err
+  checkpoint = str(pre_dir / 'checkpoints' / '2')
+
+  def finetune(model_dir, input_length, target_length):
+    return run([*small, '--gin_file=gin/runs/finetune_local.gin', model_dir_flag(model_dir),
+                f"--gin.INITIAL_CHECKPOINT='{checkpoint}'", '--gin.train.inference_evaluator=None',
+                '--gin.LEARNING_RATE=0.0', '--gin.TRAIN_STEPS=1', f'--gin.INPUT_LENGTH={input_length}',
+                f'--gin.TARGET_LENGTH={target_length}'], capfd)
+
+  def flat(path):
+    params = ocp.PyTreeCheckpointer().restore(os.path.join(path, 'state'))['params']
+    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(params)}
+
+  status, out, err = finetune(tmp_path / 'short', 16, 4)
+  assert status == 0, out + err
+  assert 'position-indexed parameters cut to this run' in out, out
+  before, after = flat(checkpoint), flat(str(tmp_path / 'short' / 'checkpoints' / '1'))
+  assert sorted(before) == sorted(after)
+  cut = [name for name in before if before[name].shape != after[name].shape]
+  assert {n.rsplit("['", 1)[-1].rstrip("']") for n in cut} == {'w1', 'w2', 'b1', 'b2'} and len(cut) >= 6, cut
+  decoder_w1 = next(n for n in cut if "decoder" in n and n.endswith("['w1']"))
+  assert after[decoder_w1].shape[-2:] == (4, 4) and before[decoder_w1].shape[-2:] == (8, 8)
+  for name, value in before.items():  # learning rate 0: the fine-tuned step holds the initial parameters
+    np.testing.assert_array_equal(after[name], value[tuple(slice(0, n) for n in after[name].shape)], err_msg=name)
+
+  status, out, err = finetune(tmp_path / 'long', 64, 8)
+  assert_one_clean_error(status, out, err, f'INITIAL_CHECKPOINT {checkpoint} was written by a different model',
+                         'shape [')
+  assert not (tmp_path / 'long').exists()

@@ -30,6 +30,9 @@ zeroed before mixing. Packed examples never mix:
 Lengths: a sequence longer than the configured length is an error (`MixerLengthError`, a ValueError naming
 the macro to set). A shorter one is accepted and treated as padded to the configured length: padding
 is zero before mixing, so using the first L columns of W1 (rows of W2) is exactly the padded computation.
+For the same reason a checkpoint pretrained at longer lengths initializes a Mixer configured for shorter
+ones (fine-tuning at 64 / 16 after pretraining at 128 / 32): the weights' position axes ("length",
+"hidden_length"; partitioning.POSITION_AXES) are cut to their prefix (checkpoints.restore_params).
 """
 
 from typing import Any, Optional
@@ -251,11 +254,11 @@ class CausalTokenMixing(nn.Module):
     del inputs_kv, deterministic
     batch, length, d = inputs_q.shape
     n = self.max_length
-    w1 = self.param("w1", nn.with_logical_partitioning(_lower_triangular_init, ("unmodeled", "length")),
+    w1 = self.param("w1", nn.with_logical_partitioning(_lower_triangular_init, ("hidden_length", "length")),
                     (n, n), jnp.float32)
-    b1 = self.param("b1", nn.with_logical_partitioning(nn.initializers.zeros, ("unmodeled",)), (n,),
+    b1 = self.param("b1", nn.with_logical_partitioning(nn.initializers.zeros, ("hidden_length",)), (n,),
                     jnp.float32)
-    w2 = self.param("w2", nn.with_logical_partitioning(_lower_triangular_init, ("length", "unmodeled")),
+    w2 = self.param("w2", nn.with_logical_partitioning(_lower_triangular_init, ("length", "hidden_length")),
                     (n, n), jnp.float32)
     b2 = self.param("b2", nn.with_logical_partitioning(nn.initializers.zeros, ("length",)), (n,),
                     jnp.float32)
