@@ -324,7 +324,9 @@ def train(*,
   checkpointer = checkpoints_lib.Checkpointer(model_dir, checkpoint_config, signature)
   resume_step = checkpointer.check_compatible()  # MODEL_DIR's own run (same model and task) wins
   if resume_step is None and initial_checkpoint:
-    checkpoints_lib.check_initial_checkpoint(initial_checkpoint, signature, position_dims=trainer.position_dims)
+    # Prefixes of longer position-indexed parameters are cut for parameters only, not optimizer state.
+    checkpoints_lib.check_initial_checkpoint(initial_checkpoint, signature,
+                                             position_dims=None if restore_optimizer_state else trainer.position_dims)
   elif resume_step is None and require_initial_checkpoint:
     raise errors.ConfigError("INITIAL_CHECKPOINT is not set: this run starts from a pretrained checkpoint (a "
                              "step directory such as PRETRAIN_MODEL_DIR/checkpoints/524288); set "
