@@ -282,9 +282,11 @@ def test_paper_grid_expands_to_the_study_and_every_stage_parses():
               "base-nh32": ("%NUM_HEADS", 32), "base-ff6144": ("%MLP_DIM", 6144),
               "base-dm1024-nh16": ("%EMBED_DIM", 1024), "xl": ("%MLP_DIM", 16384)}
   parsed = 0
+  lengths = {}
   for run, stage in parse_every_stage(runs, last_step=524288):
     parsed += 1
     assert gin.query_parameter("%ARCHITECTURE") == run.architecture
+    lengths[run.name, stage.name] = (gin.query_parameter("%INPUT_LENGTH"), gin.query_parameter("%TARGET_LENGTH"))
     if run.variant.name in expected:
       macro, value = expected[run.variant.name]
       assert gin.query_parameter(macro) == value, (run.name, macro)
@@ -293,6 +295,14 @@ def test_paper_grid_expands_to_the_study_and_every_stage_parses():
     if run.architecture == "switch":
       assert gin.query_parameter("partitioning.Partitioner.axis_names") == ("data", "model", "expert")
   assert parsed == 2 * len(runs)
+  # A Mixer's position-indexed weights start fine-tuning from its pretraining checkpoint, which must be at
+  # least as long; the other architectures fine-tune with finetune.gin's longer 128 targets.
+  for run in runs:
+    pre, fine = lengths[run.name, "pretrain"], lengths[run.name, "finetune"]
+    if run.architecture == "mixer":
+      assert fine[0] <= pre[0] and fine[1] <= pre[1], (run.name, pre, fine)
+    else:
+      assert fine == (512, 128), run.name
 
 
 def test_cpu_mini_grid_expands_and_parses():
