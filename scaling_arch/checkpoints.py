@@ -319,6 +319,28 @@ class Checkpointer:
         manager.close()
       except Exception as e:  # pylint: disable=broad-except
         logging.warning("While closing the checkpoint manager after a failure: %s", _first_line(e))
+    self._remove_uncommitted()
+
+  def _remove_uncommitted(self) -> None:
+    """Deletes what a failed save left half-written: orbax's temporary step folders and data_state folders
+    newer than the latest committed step. On a full disk that frees the room to mark the run failed;
+    committed steps are never touched."""
+    if jax.process_index() != 0:
+      return
+    try:
+      latest = max(self.existing_steps(), default=-1)
+      if tf.io.gfile.isdir(self.directory):
+        for name in tf.io.gfile.listdir(self.directory):
+          if ocp.step.TMP_DIR_SUFFIX in name:
+            tf.io.gfile.rmtree(os.path.join(self.directory, name.rstrip("/")))
+      root = os.path.join(self.model_dir, "data_state")
+      if tf.io.gfile.isdir(root):
+        for name in tf.io.gfile.listdir(root):
+          name = name.rstrip("/")
+          if name.isdigit() and int(name) > latest:
+            tf.io.gfile.rmtree(os.path.join(root, name))
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning("While removing a failed save's partial files: %s", _first_line(e))
 
   # -- restoring -------------------------------------------------------------------------------------
   def restore(self, step: int, abstract_state, data_iterator=None):

@@ -326,6 +326,9 @@ def test_disk_full_is_one_error_line_and_marks_the_run_failed(how, base_run, tmp
     assert read_json(os.path.join(model_dir, "run.json"))["status"] == "failed_disk_full"
     assert {s: tree_digest(os.path.join(model_dir, "checkpoints", str(s))) for s in STEPS} == kept
     assert checkpoint_steps(model_dir) == STEPS
+    # The failed save's partial files are gone (on a full disk, they held the room run.json needed).
+    assert not [n for n in os.listdir(os.path.join(model_dir, "checkpoints")) if "tmp" in n]
+    assert sorted(int(n) for n in os.listdir(os.path.join(model_dir, "data_state"))) == STEPS
   finally:
     if real:
       subprocess.run(["umount", "-l", mount], check=False)
