@@ -11,8 +11,9 @@ For a decoder output h (d = d_model) and the tied token embedding E [vocab, d]:
 
 The head returns normalized log-probabilities (`returns_log_probs = True`): the cross-entropy is then
 -log P(y) and the z-loss is ~0. Everything after the two projections is computed in float32 with
-log_softmax / logsumexp (the [batch, length, K, vocab] tensor is the cost of this head: K times the
-output softmax's FLOPs and memory). W_pi and W_ctx are N(0, 1), no biases, as in the reference.
+a max-shifted mixture in probability space (`mix_log_probs`; the [batch, length, K, vocab] tensor is the
+cost of this head: K times the output softmax's FLOPs and memory). W_pi and W_ctx are N(0, 1), no biases,
+as in the reference.
 
 Deliberate difference from the reference code: the reference multiplies c_k E^T without any scale.
 With E ~ N(0, 1) and |c_k| < 1 that gives component logits with std ~ sqrt(0.4 d) at initialization
@@ -59,5 +60,21 @@ class MixtureOfSoftmaxesHead(nn.Module):
     component_logits = embedder.attend(contexts).astype(jnp.float32)                # [..., K, V]
     component_logits = nn.with_logical_constraint(component_logits,
                                                   ("batch", "length", "unmodeled", "vocab"))
-    log_components = jax.nn.log_softmax(component_logits, axis=-1)
-    return jax.nn.logsumexp(log_prior[..., None] + log_components, axis=-2)       # [..., V]
+    return mix_log_probs(log_prior, component_logits)
+
+
+def mix_log_probs(log_prior, component_logits):
+  """log sum_k pi_k softmax_V(l_k): [..., K] log-priors and [..., K, V] logits -> [..., V] log-probs.
+
+  Mixed in probability space with one exp per element of the [..., K, V] tensor (forward and backward),
+  instead of log_softmax then logsumexp over K (about four): the head's cost, 1.6x faster on a CPU. Each
+  component is shifted by its maximum and the mixture by its largest weight, so nothing overflows; a
+  token more than ~87 nats below every component's peak (under float32's smallest normal, e^-87.3)
+  has its log-probability floored there, without gradient: only a model off by that much meets it."""
+  shifted = component_logits - jax.lax.stop_gradient(jnp.max(component_logits, axis=-1, keepdims=True))
+  probs = jnp.exp(shifted)                                                         # [..., K, V] in (0, 1]
+  log_weights = log_prior - jnp.log(jnp.sum(probs, axis=-1))                       # log pi_k - log Z_k
+  top = jax.lax.stop_gradient(jnp.max(log_weights, axis=-1, keepdims=True))
+  mixed = jnp.einsum("...k,...kv->...v", jnp.exp(log_weights - top), probs)
+  tiny = jnp.finfo(mixed.dtype).tiny
+  return jnp.log(jnp.maximum(mixed, tiny)) + top                                    # [..., V]
