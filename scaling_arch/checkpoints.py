@@ -522,8 +522,14 @@ PARAMETER_SIGNATURE_KEYS = ("architecture", "vocab_size", "param_shapes")
 def prefix_fits(saved: Sequence[int], current: Sequence[int], dims: Sequence[int]) -> bool:
   """Whether a saved parameter of shape `saved` initializes one of shape `current` by its prefix: the same
   rank, equal extents except along `dims` (its position axes), and no shorter there."""
-  return (len(saved) == len(current) and saved != current and
+  return (len(saved) == len(current) and list(saved) != list(current) and
           all(s == c or (i in dims and s > c) for i, (s, c) in enumerate(zip(saved, current))))
+
+
+def _prefix_shapes(saved: dict, current: dict, position_dims: Optional[dict]) -> dict:
+  """{parameter name: saved shape} of the saved `param_shapes` that initialize `current` by their prefix."""
+  return {name: saved[name] for name, dims in (position_dims or {}).items()
+          if name in saved and name in current and prefix_fits(saved[name], current[name], dims)}
 
 
 def _saved_signature(checkpoint_path: str) -> Optional[dict]:
@@ -537,10 +543,8 @@ def _saved_signature(checkpoint_path: str) -> Optional[dict]:
 def prefix_parameters(checkpoint_path: str, signature: dict, position_dims: Optional[dict]) -> dict:
   """{parameter name: saved shape} of the parameters that `checkpoint_path` holds longer along their
   position axes than this model (see partitioning.POSITION_AXES); {} without a signature.json."""
-  saved = (_saved_signature(checkpoint_path) or {}).get("param_shapes") or {}
-  current = signature.get("param_shapes") or {}
-  return {name: saved[name] for name, dims in (position_dims or {}).items()
-          if name in saved and name in current and prefix_fits(saved[name], current[name], dims)}
+  return _prefix_shapes((_saved_signature(checkpoint_path) or {}).get("param_shapes") or {},
+                        signature.get("param_shapes") or {}, position_dims)
 
 
 def check_initial_checkpoint(checkpoint_path: str, signature: dict, what: str = "INITIAL_CHECKPOINT",
@@ -562,7 +566,7 @@ def check_initial_checkpoint(checkpoint_path: str, signature: dict, what: str = 
     return
   saved = {k: saved.get(k) for k in PARAMETER_SIGNATURE_KEYS}
   current = {k: signature.get(k) for k in PARAMETER_SIGNATURE_KEYS}
-  prefixes = prefix_parameters(step_dir, signature, position_dims)
+  prefixes = _prefix_shapes(saved["param_shapes"] or {}, current["param_shapes"] or {}, position_dims)
   if prefixes:
     saved["param_shapes"] = {**saved["param_shapes"], **{n: current["param_shapes"][n] for n in prefixes}}
   if saved != current:
