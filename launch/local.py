@@ -1,4 +1,6 @@
-"""The local backend: each stage is a subprocess `python -m scaling_arch.train ...` on this machine.
+"""The local backend: each stage is a subprocess `python -m scaling_arch.train ...` on this machine, or,
+with `reuse_processes`, a request to a warm worker process of its slot (`python -m launch.worker`, which
+runs stage after stage with the trainer imported once).
 
 Subprocesses run in their own sessions (a Ctrl-C in the terminal reaches only the launcher, which passes
 SIGTERM on so they checkpoint) and, on Linux, get SIGTERM if the launcher dies, so a killed launcher
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import json
 import os
 import shlex
 import signal
@@ -68,6 +71,80 @@ class LocalJob(Job):
       self.process.kill()
 
 
+WORKER_COMMAND = ("-m", "launch.worker")
+
+
+class Worker:
+  """A `python -m launch.worker` process serving one slot: stages go in on its stdin, statuses come back
+  on its stdout (see launch/worker.py)."""
+
+  def __init__(self, first_log_path: str, env: Mapping[str, str]):
+    os.makedirs(os.path.dirname(first_log_path), exist_ok=True)
+    with open(first_log_path, "ab") as log:  # its start-up output, before the first stage redirects it
+      self.process = subprocess.Popen([sys.executable, *WORKER_COMMAND], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, stderr=log, env=dict(env),
+                                      start_new_session=True, preexec_fn=_die_with_parent(os.getpid()))
+    os.set_blocking(self.process.stdout.fileno(), False)
+    self.pid = self.process.pid
+    self._answers = b""
+    self.busy = False
+
+  def idle(self) -> bool:
+    return not self.busy and self.process.poll() is None
+
+  def submit(self, argv: Sequence[str], log_path: str) -> "WorkerJob":
+    self.busy = True
+    self.process.stdin.write((json.dumps({"argv": list(argv), "log": log_path}) + "\n").encode())
+    self.process.stdin.flush()
+    return WorkerJob(self)
+
+  def status(self) -> Optional[int]:
+    """The running stage's exit status once it has ended, else None."""
+    try:
+      chunk = self.process.stdout.read()
+    except (OSError, ValueError):
+      chunk = None
+    self._answers += chunk or b""
+    if b"\n" in self._answers:
+      line, self._answers = self._answers.split(b"\n", 1)
+      self.busy = False
+      return int(json.loads(line)["status"])
+    code = self.process.poll()
+    if code is not None:  # died mid-stage (killed, or crashed natively) without answering
+      self.busy = False
+      return code if code != 0 else 1
+    return None
+
+  def close(self) -> None:
+    """End of input: an idle worker exits."""
+    try:
+      self.process.stdin.close()
+    except OSError:
+      pass
+
+
+class WorkerJob(Job):
+  """One stage running in a Worker."""
+
+  def __init__(self, worker: Worker):
+    self.worker = worker
+    self.pid = worker.pid
+    self._code: Optional[int] = None
+
+  def poll(self) -> Optional[int]:
+    if self._code is None:
+      self._code = self.worker.status()
+    return self._code
+
+  def terminate(self) -> None:
+    if self.worker.process.poll() is None:
+      self.worker.process.send_signal(signal.SIGTERM)
+
+  def kill(self) -> None:
+    if self.worker.process.poll() is None:
+      self.worker.process.kill()
+
+
 @gin.configurable(module="launch")
 class Local(Backend):
   """Runs stages as subprocesses of this machine.
@@ -81,11 +158,18 @@ class Local(Backend):
     compilation_cache_dir: JAX's persistent compilation cache for the stages (JAX_COMPILATION_CACHE_DIR,
       unless the environment already sets it; None: none). Seed replicates and reruns compile the same
       programs: a tiny CPU stage starts in 29 s instead of 46 s when its compiles are cached.
+    reuse_processes: run the stages in one warm `python -m launch.worker` process per slot instead of a
+      new `command` each, so imports and TensorFlow's pipeline tracing are paid once per slot (worth it
+      for many short stages: the CPU study). `command` is then only what --dry-run prints; a stage that
+      fails ends its worker, so its retry starts fresh.
   """
 
   def __init__(self, concurrency: int = 1, max_retries: int = 2, retry_delay_s: float = 0.0,
                command: Optional[Sequence[str]] = None, env: Optional[Mapping[str, str]] = None,
-               compilation_cache_dir: Optional[str] = "~/.cache/scaling_arch/jax_compilation"):
+               compilation_cache_dir: Optional[str] = "~/.cache/scaling_arch/jax_compilation",
+               reuse_processes: bool = False):
+    self.reuse_processes = bool(reuse_processes)
+    self._workers: dict[int, Worker] = {}
     self.slots = int(concurrency)
     self.max_retries = int(max_retries)
     self.retry_delay_s = float(retry_delay_s)
@@ -114,8 +198,29 @@ class Local(Backend):
     return [shlex.join(self.command_for(stage, initial_checkpoint))]
 
   def start(self, stage: Stage, initial_checkpoint: Optional[str], log_path: str, slot: int) -> Job:
-    del slot
-    return LocalJob(self.command_for(stage, initial_checkpoint), log_path, self.environment())
+    if not self.reuse_processes:
+      return LocalJob(self.command_for(stage, initial_checkpoint), log_path, self.environment())
+    worker = self._workers.get(slot)
+    if worker is not None and worker.idle():
+      try:
+        return worker.submit(stage.train_args(initial_checkpoint), log_path)
+      except OSError:  # it ended since its last stage: a new one
+        pass
+    if worker is not None:
+      worker.close()
+    worker = self._workers[slot] = Worker(log_path, self.environment())
+    return worker.submit(stage.train_args(initial_checkpoint), log_path)
+
+  def finish(self, all_complete: bool, out: Callable[[str], None]) -> None:
+    del all_complete, out
+    workers, self._workers = list(self._workers.values()), {}
+    for worker in workers:
+      worker.close()
+    for worker in workers:
+      try:
+        worker.process.wait(timeout=30)
+      except subprocess.TimeoutExpired:
+        worker.process.kill()
 
   def cancel(self, runs: Sequence[Run], state_dir: records.StateDir, out: Callable[[str], None],
              timeout_s: float = 600.0) -> int:
@@ -130,7 +235,7 @@ class Local(Backend):
     for run in runs:
       for stage in run.stages:
         pid = state_dir.read_pid(stage)
-        if not pid or not records.process_alive(pid, (stage.model_dir,)):
+        if not pid or not records.process_alive(pid, records.stage_markers(stage)):
           continue
         if not launcher:  # no launcher to pass the signal on (it was killed): signal the stage directly
           try:
@@ -138,7 +243,7 @@ class Local(Backend):
           except ProcessLookupError:
             continue
           out(f"sent SIGTERM to {stage.key} (pid {pid}); it checkpoints and exits")
-        targets.append((pid, (stage.model_dir,), stage.key))
+        targets.append((pid, records.stage_markers(stage), stage.key))
     if not targets:
       out("nothing is running for this grid")
       return 0

@@ -81,6 +81,12 @@ def read_pid_file(path: str) -> Optional[int]:
     return None
 
 
+def stage_markers(stage: Stage) -> tuple[str, ...]:
+  """What the command line of a process running `stage` contains: its MODEL_DIR (a `scaling_arch.train`
+  subprocess), or `launch.worker` (a warm worker, which runs the stages its pid file names)."""
+  return (stage.model_dir, "launch.worker")
+
+
 def process_alive(pid: int, markers: Sequence[str] = ()) -> bool:
   """Whether `pid` runs and (where /proc tells) its command line contains one of `markers`, so that a
   recycled pid is not taken for ours. Zombies count as dead."""

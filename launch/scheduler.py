@@ -204,11 +204,11 @@ class Scheduler:
       pid = self.state.read_pid(stage)
       if pid is None:
         continue
-      if records.process_alive(pid, (stage.model_dir,)):
+      if records.process_alive(pid, records.stage_markers(stage)):
         self.out(f"waiting for {stage.key} (pid {pid}) from an earlier launch to finish its checkpoint")
-      while records.process_alive(pid, (stage.model_dir,)) and time.time() < deadline:
+      while records.process_alive(pid, records.stage_markers(stage)) and time.time() < deadline:
         time.sleep(1.0)
-      if records.process_alive(pid, (stage.model_dir,)):
+      if records.process_alive(pid, records.stage_markers(stage)):
         raise LaunchError(f"Run {stage.run} stage {stage.name} is still running from an earlier launch "
                           f"(pid {pid}); wait for it, or stop it with `python -m launch cancel GRID`.")
       self.state.remove_pid(stage)

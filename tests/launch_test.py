@@ -378,9 +378,10 @@ def e2e(tmp_path_factory):
   wait_for(lambda: not records.process_alive(stage_pid), 120, "the killed launcher's stage to exit")
   story.a_record = read_json(f"{model_dir}/run.json")
 
-  # B: the whole grid and a broken run, to the end.
+  # B: the whole grid and a broken run, to the end, in warm workers (launch.Local.reuse_processes).
   start = time.time()
-  story.b_code, story.b_out, story.b_err = launch("run", grid, *bindings, *BROKEN)
+  story.b_code, story.b_out, story.b_err = launch("run", grid, *bindings, *BROKEN,
+                                                  "--gin.launch.Local.reuse_processes=True")
   story.b_seconds = time.time() - start
   story.started_after_b = started_events(story.state)
 
@@ -426,6 +427,16 @@ def test_local_grid_pretrains_then_finetunes_every_run(e2e):
     spec = read_json(os.path.join(e2e.root, run, "finetune", "launch_spec.json"))
     assert spec["initialized_from"] == "pretrain" and "NUM_HEADS = 2" in spec["bindings"]
     assert spec["stages_per_machine"] == 2  # launch.Local.concurrency: step times shared the cores
+  # B ran its stages in warm workers: the 9 attempts of B (8 good, 2 of the broken one, less A's pid) came
+  # from fewer processes than attempts; each failed attempt ended its worker, so the retry had a new one.
+  pids = [int(text.split("(pid ")[1].rstrip(")")) for run in GOOD_RUNS + [BROKEN_RUN]
+          for stage in ("pretrain", "finetune")
+          for event, text in records.log_events(os.path.join(e2e.state, "logs", run, f"{stage}.log"))
+          if event == "started" and "(pid " in text]
+  assert len(set(pids)) < len(pids) - 2, pids
+  broken = [int(text.split("(pid ")[1].rstrip(")")) for event, text in
+            records.log_events(os.path.join(e2e.state, "logs", BROKEN_RUN, "pretrain.log")) if event == "started"]
+  assert len(set(broken)) == 2, broken
   depth = read_json(os.path.join(e2e.root, "glu-tiny-nl2", "pretrain", "run.json"))["num_params"]
   assert depth > read_json(os.path.join(e2e.root, "glu-tiny-nl1", "pretrain", "run.json"))["num_params"]
 
@@ -664,3 +675,5 @@ def test_cpu_study_grid_has_seeds_at_every_point_and_a_cloze_finetune():
       assert gin.query_parameter("cloze_task.corpus") == "packages"
       assert gin.query_parameter("%LEARNING_RATE") == pytest.approx(0.003)
   assert parsed == 2 * 2 * 8 and pretrain_steps == 350
+  load("gin/grids/cpu_study.gin", ["EXPERIMENT_ROOT = '/tmp/unused_cpu_study'"])
+  assert gin.query_parameter("launch.Local.reuse_processes") is True  # the budget counts on warm workers
