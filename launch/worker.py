@@ -44,9 +44,9 @@ def _redirect_output(log_path: str) -> None:
 
 def run_stage(argv: Sequence[str]) -> tuple[int, bool]:
   """Runs one stage's flags as `python -m scaling_arch.train ARGV` would: (exit status, exit now)."""
-  from absl import flags, logging
+  from absl import flags
 
-  from scaling_arch import gin_utils, runtime_env, train
+  from scaling_arch import gin_utils, train
   flags_ = flags.FLAGS
   flags_.unparse_flags()  # multi-string flags would otherwise append to the previous stage's values
   try:
@@ -54,18 +54,14 @@ def run_stage(argv: Sequence[str]) -> tuple[int, bool]:
   except flags.Error as e:
     print(f"FATAL Flags parsing error: {e}", file=sys.stderr, flush=True)
     return 1, False
-  if not (flags_["verbosity"].present or runtime_env.verbose()):
-    logging.set_verbosity(logging.WARNING)  # as train.main: checkpointing libraries log every file at INFO
-  del train._EXIT_AT_ONCE[:]  # pylint: disable=protected-access
   try:
-    status = train.run(argv, train.train)
+    return train.run_command(argv)
   except Exception:  # pylint: disable=broad-except
     traceback.print_exc()  # as absl's app.run would, before exiting 1
-    status = 1
+    return 1, False
   finally:
     sys.stdout.flush()
     sys.stderr.flush()
-  return status, bool(train._EXIT_AT_ONCE)  # pylint: disable=protected-access
 
 
 def main() -> None:

@@ -627,11 +627,19 @@ def run(argv: Sequence[str], entry: Callable[..., Any]) -> int:
 _EXIT_AT_ONCE: list[int] = []
 
 
-def main(argv):
+def run_command(argv: Sequence[str]) -> tuple[int, bool]:
+  """The command line once absl has parsed its flags (also each stage of a launch.worker): quiet
+  libraries unless verbose, then `run`. Returns (exit status, whether to exit at once)."""
   if not (FLAGS["verbosity"].present or runtime_env.verbose()):
     logging.set_verbosity(logging.WARNING)  # checkpointing libraries log every file at INFO
+  del _EXIT_AT_ONCE[:]
   status = run(argv, train)
-  if _EXIT_AT_ONCE:
+  return status, bool(_EXIT_AT_ONCE)
+
+
+def main(argv):
+  status, exit_at_once = run_command(argv)
+  if exit_at_once:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)  # pylint: disable=protected-access
